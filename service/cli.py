@@ -1,0 +1,77 @@
+"""``hybrid-serve``: the command line. ``serve`` runs the gateway; ``model`` materialises the
+bundled model. Later capabilities add their subcommands here."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from service.settings import Settings
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="hybrid-serve",
+        description="OpenAI-compatible chat over vLLM with LoRA adapters and retrieval. "
+        "Settings come from HYBRID_* environment variables (see the README).",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser(
+        "serve", help="run the gateway (and a local engine unless HYBRID_ENGINE_URL is set)"
+    )
+    serve.add_argument("--host", help="listen address (HYBRID_HOST)")
+    serve.add_argument("--port", type=int, help="listen port (HYBRID_PORT)")
+    serve.set_defaults(handler=_serve)
+
+    model = commands.add_parser(
+        "model", help="build the bundled model once (verified by checksum) and print its directory"
+    )
+    model.add_argument("--cache-dir", help="where to build it (HYBRID_CACHE_DIR)")
+    model.set_defaults(handler=_model)
+
+    args = parser.parse_args(argv)
+    code: int = args.handler(args)
+    return code
+
+
+def _settings(**overrides: object) -> Settings:
+    return Settings(**{k: v for k, v in overrides.items() if v is not None})  # type: ignore[arg-type]
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from service.app import build_app
+
+    settings = _settings(host=args.host, port=args.port)
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    uvicorn.run(
+        build_app(settings),
+        host=settings.host,
+        port=settings.port,
+        workers=1,
+        log_level=settings.log_level.lower(),
+        access_log=False,
+        timeout_graceful_shutdown=30,
+    )
+    return 0
+
+
+def _model(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from service.bundled_model import ensure_bundled_model
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    settings = _settings(cache_dir=Path(args.cache_dir) if args.cache_dir else None)
+    print(ensure_bundled_model(settings.cache_dir).path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

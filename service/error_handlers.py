@@ -1,0 +1,55 @@
+"""Every error leaves the gateway in OpenAI's envelope, whoever raised it."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from service.errors import APIError, InvalidRequestError
+from service.metrics import Metrics
+
+logger = logging.getLogger(__name__)
+
+
+def install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
+    def respond(error: APIError) -> JSONResponse:
+        metrics.count_error(error.error_type, error.code)
+        return JSONResponse(error.envelope(), status_code=error.status_code, headers=error.headers)
+
+    async def on_api_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, APIError)
+        return respond(exc)
+
+    async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, HTTPException)
+        message = str(exc.detail)
+        if exc.status_code == 404:
+            message = f"Unknown request URL: {request.method} {request.url.path}."
+        return respond(
+            APIError(
+                message,
+                headers=dict(exc.headers or {}),
+                status_code=exc.status_code,
+                error_type="invalid_request_error" if exc.status_code < 500 else "server_error",
+            )
+        )
+
+    async def on_validation_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        first = exc.errors()[0] if exc.errors() else {}
+        param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
+        message = f"Invalid value for '{param}': {first.get('msg', 'invalid')}."
+        return respond(InvalidRequestError(message, param=param))
+
+    async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unhandled error on %s %s", request.method, request.url.path)
+        return respond(APIError("The server had an error while processing your request."))
+
+    app.add_exception_handler(APIError, on_api_error)
+    app.add_exception_handler(HTTPException, on_http_error)
+    app.add_exception_handler(RequestValidationError, on_validation_error)
+    app.add_exception_handler(Exception, on_unexpected)

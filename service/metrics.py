@@ -1,0 +1,53 @@
+"""Prometheus metrics of the gateway, in a registry of its own (one per app, no globals)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+
+from service.protocol import Usage
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "hybrid_requests",
+            "HTTP requests by route and status.",
+            ["route", "method", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "hybrid_request_duration_seconds",
+            "Time to the end of the response (the whole stream for SSE).",
+            ["route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.tokens = Counter(
+            "hybrid_tokens",
+            "Tokens processed, by kind (prompt or completion) and model.",
+            ["kind", "model"],
+            registry=self.registry,
+        )
+        self.errors = Counter(
+            "hybrid_errors",
+            "Error responses and stream error events, by type and code.",
+            ["type", "code"],
+            registry=self.registry,
+        )
+        self.engine_restarts = Counter(
+            "hybrid_engine_restarts", "Restarts of the supervised engine.", registry=self.registry
+        )
+
+    def count_usage(self, model: str, usage: Usage | None) -> None:
+        if usage is not None:
+            self.tokens.labels("prompt", model).inc(usage.prompt_tokens)
+            self.tokens.labels("completion", model).inc(usage.completion_tokens)
+
+    def count_error(self, error_type: str, code: str | None) -> None:
+        self.errors.labels(error_type, code or "").inc()
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,242 @@
+"""OpenAI wire types: what clients send and what they get back.
+
+Requests are parsed strictly (unknown fields refused, no type coercion). Responses mirror
+OpenAI's published schemas: the engine's (vLLM's) extra fields are dropped and nulls it sends
+where OpenAI allows none are omitted, so every body validates against ``openapi.yaml``.
+
+Extension fields (not in OpenAI's API) are fenced below under "hybrid-serve extensions".
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializationInfo,
+    SerializerFunctionWrapHandler,
+    model_serializer,
+)
+
+# ---------------------------------------------------------------------------- requests
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class TextPart(_Request):
+    type: Literal["text"]
+    text: str
+
+
+Content = str | list[TextPart]
+
+
+class SystemMessage(_Request):
+    role: Literal["system"]
+    content: Content
+    name: str | None = None
+
+
+class DeveloperMessage(_Request):
+    role: Literal["developer"]
+    content: Content
+    name: str | None = None
+
+
+class UserMessage(_Request):
+    role: Literal["user"]
+    content: Content
+    name: str | None = None
+
+
+class AssistantMessage(_Request):
+    role: Literal["assistant"]
+    content: Content | None = None
+    name: str | None = None
+    refusal: str | None = None
+
+
+Message = Annotated[
+    SystemMessage | DeveloperMessage | UserMessage | AssistantMessage,
+    Field(discriminator="role"),
+]
+
+
+class StreamOptions(_Request):
+    include_usage: bool = False
+
+
+class TextFormat(_Request):
+    type: Literal["text"]
+
+
+class JsonObjectFormat(_Request):
+    type: Literal["json_object"]
+
+
+class JsonSchemaSpec(_Request):
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+    description: str | None = None
+    schema_: Annotated[dict[str, Any] | None, Field(alias="schema")] = None
+    strict: bool | None = None
+
+
+class JsonSchemaFormat(_Request):
+    type: Literal["json_schema"]
+    json_schema: JsonSchemaSpec
+
+
+ResponseFormat = Annotated[TextFormat | JsonObjectFormat | JsonSchemaFormat, Field(discriminator="type")]
+
+_INT64 = 2**63
+
+
+class ChatCompletionRequest(_Request):
+    """The allow-list: only these fields exist for the gateway; anything else is a 400.
+
+    Bounds that depend on configuration (``n``, ``max_tokens``, ``top_logprobs``, ``stop``,
+    message count) are checked by :mod:`service.limits`."""
+
+    model: str = "auto"
+    messages: Annotated[list[Message], Field(min_length=1)]
+    max_tokens: Annotated[int, Field(ge=1, lt=_INT64)] | None = None
+    max_completion_tokens: Annotated[int, Field(ge=1, lt=_INT64)] | None = None
+    temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
+    top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
+    n: Annotated[int, Field(ge=1, lt=_INT64)] | None = None
+    stop: str | list[str] | None = None
+    seed: Annotated[int, Field(ge=-_INT64, lt=_INT64)] | None = None
+    presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
+    frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
+    logprobs: bool | None = None
+    top_logprobs: Annotated[int, Field(ge=0, lt=_INT64)] | None = None
+    response_format: ResponseFormat | None = None
+    user: Annotated[str, Field(max_length=256)] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+
+    def engine_payload(self, engine_model: str) -> dict[str, Any]:
+        """The body sent to vLLM: the allowed fields, ``model`` resolved, ``developer`` sent
+        as ``system`` (open models' chat templates know no developer role)."""
+        payload = self.model_dump(
+            exclude_none=True, by_alias=True, exclude={"model", "max_completion_tokens"}
+        )
+        payload["model"] = engine_model
+        budget = self.max_completion_tokens or self.max_tokens
+        if budget is not None:
+            payload["max_tokens"] = budget
+        for message in payload["messages"]:
+            if message["role"] == "developer":
+                message["role"] = "system"
+        return payload
+
+
+# ---------------------------------------------------------------------------- responses
+
+
+class _Wire(BaseModel):
+    """A response object: engine extras are ignored on the way in; on the way out, ``None``
+    is omitted except for the fields OpenAI requires to be present even when null."""
+
+    model_config = ConfigDict(extra="ignore")
+    keep_null: ClassVar[frozenset[str]] = frozenset()
+
+    @model_serializer(mode="wrap")
+    def _omit_nulls(self, handler: SerializerFunctionWrapHandler, info: SerializationInfo) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        return {k: v for k, v in data.items() if v is not None or k in self.keep_null}
+
+
+class TopLogprob(_Wire):
+    keep_null: ClassVar[frozenset[str]] = frozenset({"bytes"})
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class ChoiceLogprobs(_Wire):
+    keep_null: ClassVar[frozenset[str]] = frozenset({"content", "refusal"})
+    content: list[TokenLogprob] | None = None
+    refusal: list[TokenLogprob] | None = None
+
+
+class Usage(_Wire):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+FinishReason = Literal["stop", "length", "tool_calls", "content_filter", "function_call"]
+
+
+class ResponseMessage(_Wire):
+    keep_null: ClassVar[frozenset[str]] = frozenset({"content", "refusal"})
+    role: Literal["assistant"] = "assistant"
+    content: str | None = None
+    refusal: str | None = None
+
+
+class Choice(_Wire):
+    keep_null: ClassVar[frozenset[str]] = frozenset({"logprobs"})
+    index: int
+    message: ResponseMessage
+    logprobs: ChoiceLogprobs | None = None
+    finish_reason: FinishReason
+
+
+class ChatCompletion(_Wire):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[Choice]
+    usage: Usage | None = None
+    system_fingerprint: str | None = None
+
+
+class Delta(_Wire):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+    refusal: str | None = None
+
+
+class ChunkChoice(_Wire):
+    keep_null: ClassVar[frozenset[str]] = frozenset({"finish_reason"})
+    index: int
+    delta: Delta
+    logprobs: ChoiceLogprobs | None = None
+    finish_reason: FinishReason | None = None
+
+
+class ChatCompletionChunk(_Wire):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    usage: Usage | None = None
+    system_fingerprint: str | None = None
+
+
+class ModelCard(_Wire):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+    # vLLM's extensions, kept because clients of vLLM read them
+    root: str | None = None
+    parent: str | None = None
+    max_model_len: int | None = None
+
+
+class ModelList(_Wire):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]

@@ -1,0 +1,106 @@
+"""The public HTTP surface. Routes are thin: parse, call one service method, answer."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response
+from sse_starlette import EventSourceResponse
+from starlette.types import Receive, Scope, Send
+
+from service.catalog import ModelCatalog
+from service.chat import ChatService, ChatStream
+from service.errors import APIError, EngineUnavailableError
+from service.metrics import Metrics
+from service.parsing import parse_json_body
+from service.protocol import ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ModelList
+from service.settings import Settings
+
+router = APIRouter()
+
+
+def _chat(request: Request) -> ChatService:
+    chat: ChatService = request.app.state.chat
+    return chat
+
+
+def _catalog(request: Request) -> ModelCatalog:
+    catalog: ModelCatalog = request.app.state.catalog
+    return catalog
+
+
+ChatDep = Annotated[ChatService, Depends(_chat)]
+CatalogDep = Annotated[ModelCatalog, Depends(_catalog)]
+
+_JSON = "application/json"
+
+
+class ChatEventStream(EventSourceResponse):
+    """SSE over an opened engine stream. The upstream connection is closed however the
+    response ends (finished, failed, or the client went away), which makes vLLM abort."""
+
+    def __init__(self, stream: ChatStream) -> None:
+        super().__init__(stream.events(), sep="\n")
+        self._stream = stream
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._stream.aclose()
+
+
+@router.post(
+    "/v1/chat/completions",
+    responses={
+        200: {
+            "description": "A completion, or with `stream: true` an SSE stream of chunks.",
+            "content": {
+                _JSON: {"schema": ChatCompletion.model_json_schema()},
+                "text/event-stream": {"schema": ChatCompletionChunk.model_json_schema()},
+            },
+        }
+    },
+)
+async def create_chat_completion(request: Request, chat: ChatDep) -> Response:
+    body = await parse_json_body(request, ChatCompletionRequest)
+    if body.stream:
+        return ChatEventStream(await chat.stream(body))
+    completion = await chat.complete(body)
+    return Response(completion.model_dump_json(), media_type=_JSON)
+
+
+@router.get("/v1/models", response_model=ModelList)
+async def list_models(catalog: CatalogDep) -> Response:
+    models = await catalog.list()
+    return Response(models.model_dump_json(), media_type=_JSON)
+
+
+@router.get("/health")
+async def health() -> dict[str, str]:
+    """The process is alive (it says nothing about the engine: see /ready)."""
+    return {"status": "ok"}
+
+
+@router.get("/ready")
+async def ready(request: Request, catalog: CatalogDep) -> JSONResponse:
+    """The engine answers and serves its model: 200, else 503 with Retry-After."""
+    settings: Settings = request.app.state.settings
+    try:
+        cards = await catalog.refresh()
+    except APIError as exc:
+        raise EngineUnavailableError(
+            f"The model engine is not ready: {exc.message}", retry_after_s=settings.retry_after_s
+        ) from None
+    if catalog.base_model is None:
+        raise EngineUnavailableError(
+            "The model engine serves no model yet.", retry_after_s=settings.retry_after_s
+        )
+    return JSONResponse({"status": "ready", "model": catalog.base_model, "models": len(cards)})
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    registry: Metrics = request.app.state.metrics
+    return Response(registry.exposition(), media_type="text/plain; version=0.0.4")

@@ -1,0 +1,101 @@
+"""All configuration: one typed class, environment prefix ``HYBRID_``, read through the cached
+:func:`get_settings` (tests build their own :class:`Settings` and pass it to ``build_app``)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _home(*parts: str) -> Path:
+    return Path.home().joinpath(*parts)
+
+
+class Settings(BaseSettings):
+    """Every knob of the gateway and of the local engine it may supervise."""
+
+    model_config = SettingsConfigDict(env_prefix="HYBRID_", extra="ignore", frozen=True)
+
+    # -- the gateway
+    host: str = Field("127.0.0.1", description="Address the gateway listens on.")
+    port: int = Field(8000, ge=1, le=65535, description="Port the gateway listens on.")
+    log_level: str = Field("info", description="Python log level of the gateway.")
+    data_dir: Path = Field(
+        default_factory=lambda: _home(".local", "share", "hybrid-serve"),
+        description="Durable state: engine log, adapter store, index.",
+    )
+    cache_dir: Path = Field(
+        default_factory=lambda: _home(".cache", "hybrid-serve"),
+        description="Regenerable files: the converted bundled model.",
+    )
+
+    # -- the engine
+    engine_url: str | None = Field(
+        None,
+        description="Base URL of an external vLLM OpenAI server (e.g. http://vllm:8000). "
+        "Unset: the gateway starts and supervises a local engine.",
+    )
+    engine_api_key: SecretStr | None = Field(None, description="Bearer token the engine expects.")
+    model_dir: Path | None = Field(
+        None, description="Model directory for the local engine; unset: the bundled model."
+    )
+    served_model_name: str | None = Field(
+        None,
+        description="Model id the local engine serves; unset: SmolLM2-135M-Instruct for the "
+        "bundled model, the directory name otherwise.",
+    )
+    engine_host: str = Field("127.0.0.1", description="Address the local engine binds.")
+    engine_port: int = Field(8001, ge=1, le=65535, description="Port of the local engine.")
+    max_loras: int = Field(4, ge=1, description="LoRA adapters active in one batch (--max-loras).")
+    max_cpu_loras: int = Field(8, ge=1, description="Adapters cached in CPU memory (--max-cpu-loras).")
+    max_lora_rank: int = Field(16, ge=1, description="Largest adapter rank accepted (--max-lora-rank).")
+    max_model_len: int | None = Field(None, ge=16, description="Context window; unset: the model's.")
+    engine_kv_cache_gib: int = Field(2, ge=1, description="KV cache of the CPU engine, GiB.")
+    engine_extra_args: list[str] = Field(
+        default_factory=list, description="More arguments for the local vLLM server (JSON list)."
+    )
+    engine_start_timeout_s: float = Field(600.0, gt=0, description="Wait this long for readiness.")
+    engine_connect_timeout_s: float = Field(5.0, gt=0, description="TCP connect timeout to the engine.")
+    engine_read_timeout_s: float = Field(
+        600.0, gt=0, description="Longest silence from the engine during a generation."
+    )
+    engine_max_connections: int = Field(512, ge=1, description="Connection pool size to the engine.")
+
+    # -- request limits (a request beyond them is a 400 or 413, never a 5xx)
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Largest request body.")
+    max_messages: int = Field(1024, ge=1, description="Most messages in one chat request.")
+    max_n: int = Field(8, ge=1, description="Largest `n` (choices per request).")
+    max_tokens_cap: int = Field(4096, ge=1, description="Largest `max_tokens` a request may ask.")
+    max_top_logprobs: int = Field(20, ge=0, description="Largest `top_logprobs`.")
+    max_stop: int = Field(4, ge=0, description="Most `stop` sequences.")
+    retry_after_s: int = Field(5, ge=1, description="Retry-After sent while the engine is down.")
+
+    @field_validator("engine_url")
+    @classmethod
+    def _no_trailing_slash(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("engine_url must start with http:// or https://")
+        return value.rstrip("/")
+
+    @property
+    def manages_engine(self) -> bool:
+        """True when the gateway starts the engine itself (no external URL)."""
+        return self.engine_url is None
+
+    @property
+    def engine_base_url(self) -> str:
+        return self.engine_url or f"http://{self.engine_host}:{self.engine_port}"
+
+    @property
+    def engine_log_file(self) -> Path:
+        return self.data_dir / "logs" / "engine.log"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()
