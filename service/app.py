@@ -10,14 +10,13 @@ import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import httpx
 from fastapi import FastAPI
 
 from service import __version__
 from service.bundled_model import SERVED_NAME, ensure_bundled_model
 from service.catalog import ModelCatalog
 from service.chat import ChatService
-from service.engine import VLLMEngine
+from service.engine import VLLMEngine, engine_session
 from service.error_handlers import install_error_handlers
 from service.launcher import EngineSupervisor, vllm_command, vllm_environment
 from service.limits import RequestLimits
@@ -29,12 +28,8 @@ from service.settings import Settings, get_settings
 logger = logging.getLogger(__name__)
 
 
-def build_app(
-    settings: Settings | None = None,
-    *,
-    engine_transport: httpx.AsyncBaseTransport | None = None,
-) -> FastAPI:
-    """The gateway. ``engine_transport`` replaces the network to the engine (tests only)."""
+def build_app(settings: Settings | None = None) -> FastAPI:
+    """The gateway, configured by ``settings`` (default: the environment)."""
     settings = settings or get_settings()
     metrics = Metrics()
     app = FastAPI(
@@ -45,13 +40,13 @@ def build_app(
     )
     app.state.settings = settings
     app.state.metrics = metrics
-    app.state.engine_transport = engine_transport
     app.include_router(router)
     install_error_handlers(app, metrics)
     routes = frozenset(getattr(route, "path", "") for route in app.routes)
-    # Added last = outermost: the size limit applies before anything reads the body.
+    # Added last = outermost: every response, a 413 from the size limit included, gets a
+    # request id and is counted; the size limit still runs before anything reads the body.
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes, metrics=metrics)
     app.add_middleware(RequestContext, metrics=metrics, routes=routes)
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     return app
 
 
@@ -59,8 +54,13 @@ def build_app(
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     metrics: Metrics = app.state.metrics
-    client = _engine_client(settings, app.state.engine_transport)
-    engine = VLLMEngine(client, retry_after_s=settings.retry_after_s)
+    session = engine_session(
+        connect_timeout_s=settings.engine_connect_timeout_s,
+        read_timeout_s=settings.engine_read_timeout_s,
+        max_connections=settings.engine_max_connections,
+        api_key=settings.engine_api_key.get_secret_value() if settings.engine_api_key else None,
+    )
+    engine = VLLMEngine(session, settings.engine_base_url, retry_after_s=settings.retry_after_s)
     catalog = ModelCatalog(engine, retry_after_s=settings.retry_after_s)
     app.state.catalog = catalog
     app.state.chat = ChatService(engine, catalog, RequestLimits.from_settings(settings), metrics)
@@ -76,29 +76,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     finally:
         if supervisor is not None:
             await supervisor.stop()
-        await client.aclose()
-
-
-def _engine_client(settings: Settings, transport: httpx.AsyncBaseTransport | None) -> httpx.AsyncClient:
-    headers = {}
-    if settings.engine_api_key is not None:
-        headers["Authorization"] = f"Bearer {settings.engine_api_key.get_secret_value()}"
-    return httpx.AsyncClient(
-        base_url=settings.engine_base_url,
-        headers=headers,
-        transport=transport,
-        # Generation can be slow; a read timeout is the longest silence between two bytes.
-        timeout=httpx.Timeout(
-            connect=settings.engine_connect_timeout_s,
-            read=settings.engine_read_timeout_s,
-            write=30.0,
-            pool=30.0,
-        ),
-        limits=httpx.Limits(
-            max_connections=settings.engine_max_connections,
-            max_keepalive_connections=settings.engine_max_connections,
-        ),
-    )
+        await session.close()
 
 
 async def _local_engine(settings: Settings, metrics: Metrics) -> EngineSupervisor:

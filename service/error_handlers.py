@@ -11,6 +11,7 @@ from starlette.exceptions import HTTPException
 
 from service.errors import APIError, InvalidRequestError
 from service.metrics import Metrics
+from service.middleware import REQUEST_ID
 
 logger = logging.getLogger(__name__)
 
@@ -19,6 +20,15 @@ def install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
     def respond(error: APIError) -> JSONResponse:
         metrics.count_error(error.error_type, error.code)
         return JSONResponse(error.envelope(), status_code=error.status_code, headers=error.headers)
+
+    async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unhandled error on %s %s", request.method, request.url.path)
+        response = respond(APIError("The server had an error while processing your request."))
+        # Starlette answers these outside every middleware, so the request id is added here.
+        request_id = getattr(request.state, REQUEST_ID, None)
+        if request_id is not None:
+            response.headers["x-request-id"] = request_id
+        return response
 
     async def on_api_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, APIError)
@@ -44,10 +54,6 @@ def install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
         param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
         message = f"Invalid value for '{param}': {first.get('msg', 'invalid')}."
         return respond(InvalidRequestError(message, param=param))
-
-    async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
-        logger.exception("unhandled error on %s %s", request.method, request.url.path)
-        return respond(APIError("The server had an error while processing your request."))
 
     app.add_exception_handler(APIError, on_api_error)
     app.add_exception_handler(HTTPException, on_http_error)

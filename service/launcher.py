@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from enum import StrEnum
 from pathlib import Path
 
-import httpx
+import aiohttp
 
 from service.settings import Settings
 
@@ -149,6 +149,9 @@ class EngineSupervisor:
                 assert self._process is not None
                 code = await self._process.wait()
                 logger.error("engine exited with code %s", code)
+                # vLLM's workers may outlive the server process; they hold the memory and
+                # the port the next engine needs.
+                _signal_group(self._process.pid, signal.SIGKILL)
             except EngineStartError as exc:
                 logger.error("engine failed to start: %s", exc)
                 backoff = min(backoff * 2, _MAX_BACKOFF_S)
@@ -191,15 +194,16 @@ class EngineSupervisor:
     async def _wait_ready(self, process: asyncio.subprocess.Process) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._start_timeout_s
-        async with httpx.AsyncClient(timeout=2.0) as probe:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2.0)) as probe:
             while loop.time() < deadline:
                 if process.returncode is not None:
                     raise EngineStartError(
                         f"engine exited with code {process.returncode} while starting; see {self._log_file}"
                     )
-                with contextlib.suppress(httpx.HTTPError):
-                    if (await probe.get(self._ready_url)).status_code == httpx.codes.OK:
-                        return
+                with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                    async with probe.get(self._ready_url) as response:
+                        if response.status == 200:
+                            return
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(process.wait(), timeout=1.0)
         raise EngineStartError(f"engine not ready after {self._start_timeout_s:.0f}s; see {self._log_file}")

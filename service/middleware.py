@@ -16,9 +16,10 @@ class BodySizeLimit:
     """413 for a body over ``max_bytes``: at once from ``Content-Length``, or as soon as a
     chunked body passes the limit, before anything parses it."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, metrics: Metrics) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -26,7 +27,9 @@ class BodySizeLimit:
             return
         declared = _header(scope, b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
-            await send_error(send, self._too_large())
+            error = self._too_large()
+            self.metrics.count_error(error.error_type, error.code)
+            await send_error(send, error)
             return
         received = 0
 
@@ -45,6 +48,10 @@ class BodySizeLimit:
         return PayloadTooLargeError(f"The request body exceeds the limit of {self.max_bytes} bytes.")
 
 
+REQUEST_ID = "request_id"
+"""Key of the request id in ``request.state``."""
+
+
 class RequestContext:
     """Gives every response an ``X-Request-Id`` (the client's, if it sent a sane one) and
     counts requests and their latency by route."""
@@ -59,8 +66,12 @@ class RequestContext:
             await self.app(scope, receive, send)
             return
         given = _header(scope, b"x-request-id")
-        request_id = given if given and len(given) <= 128 and given.isprintable() else uuid.uuid4().hex
-        scope.setdefault("state", {})["request_id"] = request_id
+        request_id = (
+            given
+            if given and len(given) <= 128 and given.isascii() and given.isprintable()
+            else uuid.uuid4().hex
+        )
+        scope.setdefault("state", {})[REQUEST_ID] = request_id
         path = scope["path"]
         route = path if path in self.routes else "other"
         status = 500

@@ -1,0 +1,108 @@
+"""The API tier: the real app over ASGI, its lifespan run, the engine a scripted fake.
+
+A test that needs other limits overrides the ``settings`` fixture (or parametrizes it
+indirectly); everything else is built from it."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI
+
+from service.app import build_app
+from service.settings import Settings
+from tests.fakes import FakeEngine
+
+ENGINE_URL = "http://engine.test"
+GATEWAY_URL = "http://gateway.test"
+CHAT = "/v1/chat/completions"
+USER = {"role": "user", "content": "Say hello."}
+
+
+def make_settings(**overrides: Any) -> Settings:
+    """Settings for a gateway in front of the fake engine (never a supervised local one); the
+    ``app`` fixture points ``engine_url`` at the fake's port. The read timeout is short so that
+    a stalled engine shows quickly."""
+    return Settings(engine_url=ENGINE_URL, **{"engine_read_timeout_s": 0.5, **overrides})
+
+
+@pytest.fixture
+def settings() -> Settings:
+    return make_settings()
+
+
+@pytest.fixture
+async def engine() -> AsyncIterator[FakeEngine]:
+    engine = FakeEngine()
+    await engine.start()
+    yield engine
+    await engine.stop()
+    # A scripted reply nobody asked for (or one missing) means the test did not exercise
+    # what it meant to.
+    assert engine.pending == 0, f"{engine.pending} enqueued engine replies were never used"
+    assert engine.unexpected == 0, "the engine got a chat request with no reply enqueued"
+
+
+@pytest.fixture
+async def app(settings: Settings, engine: FakeEngine) -> AsyncIterator[FastAPI]:
+    app = build_app(settings.model_copy(update={"engine_url": engine.url}))
+    async with app.router.lifespan_context(app):
+        yield app
+
+
+@pytest.fixture
+async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=GATEWAY_URL) as client:
+        yield client
+
+
+def chat_body(**fields: Any) -> dict[str, Any]:
+    """A valid chat request, with ``fields`` added or replaced."""
+    return {"model": "auto", "messages": [USER], **fields}
+
+
+def assert_error(
+    response: httpx.Response, status: int, *, param: str | None, code: str | None = None
+) -> dict[str, Any]:
+    """The response is ``status`` with exactly OpenAI's envelope; returns the inner error."""
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    return assert_envelope(response.json(), param=param, code=code, status=status)
+
+
+def assert_envelope(body: Any, *, param: str | None, code: str | None, status: int) -> dict[str, Any]:
+    assert isinstance(body, dict)
+    assert set(body) == {"error"}, body
+    error = body["error"]
+    assert isinstance(error, dict)
+    assert set(error) == {"message", "type", "param", "code"}, error
+    assert isinstance(error["message"], str)
+    assert error["message"]
+    expected_type = "invalid_request_error" if status < 500 else "server_error"
+    assert error["type"] == expected_type, error
+    assert error["param"] == param, error
+    assert error["code"] == code, error
+    return error
+
+
+def sse_data(response: httpx.Response) -> list[str]:
+    """The ``data`` payloads of an SSE body, in order (events split on blank lines)."""
+    assert response.headers["content-type"].startswith("text/event-stream"), response.headers
+    payloads: list[str] = []
+    for event in response.text.replace("\r\n", "\n").split("\n\n"):
+        lines = [line[5:].removeprefix(" ") for line in event.split("\n") if line.startswith("data:")]
+        if lines:
+            payloads.append("\n".join(lines))
+    return payloads
+
+
+def sse_json(response: httpx.Response) -> tuple[list[dict[str, Any]], str]:
+    """The JSON payloads of an SSE body and its last payload (which should be ``[DONE]``)."""
+    payloads = sse_data(response)
+    assert payloads, "empty SSE body"
+    *events, last = payloads
+    return [json.loads(p) for p in events], last

@@ -1,0 +1,157 @@
+"""Runs the real service for end-to-end tests and benchmarks: `hybrid-serve serve` as a
+subprocess, which starts and supervises a real vLLM engine on the bundled model."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import openai
+import psutil
+
+START_TIMEOUT_S = 600.0
+MAX_MODEL_LEN = 2048
+
+
+@dataclass(frozen=True)
+class RunningService:
+    url: str
+    engine_url: str
+    engine_port: int
+    log_file: Path
+    data_dir: Path
+    process: subprocess.Popen[bytes]
+
+    def client(self, *, max_retries: int = 2, timeout: float = 120.0) -> openai.OpenAI:
+        return openai.OpenAI(
+            base_url=f"{self.url}/v1", api_key="unused", max_retries=max_retries, timeout=timeout
+        )
+
+    def engine_processes(self) -> list[psutil.Process]:
+        """The engine's server process and its workers (its process group)."""
+        leaders = [p for p in psutil.process_iter(["cmdline"]) if _is_engine(p, self.engine_port)]
+        found: dict[int, psutil.Process] = {}
+        for leader in leaders:
+            found[leader.pid] = leader
+            for child in _children(leader):
+                found[child.pid] = child
+        return list(found.values())
+
+    def engine_metric(self, name: str, **labels: str) -> float:
+        """Sum of a vLLM Prometheus sample over the series matching ``labels``."""
+        text = httpx.get(f"{self.engine_url}/metrics", timeout=10).text
+        total = 0.0
+        for line in text.splitlines():
+            if not line.startswith(name + "{"):
+                continue
+            if all(f'{key}="{value}"' in line for key, value in labels.items()):
+                total += float(line.rsplit(" ", 1)[1])
+        return total
+
+
+def _is_engine(process: psutil.Process, port: int) -> bool:
+    try:
+        cmdline = process.info["cmdline"] or []
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
+    return "vllm.entrypoints.openai.api_server" in cmdline and str(port) in cmdline
+
+
+def _children(process: psutil.Process) -> list[psutil.Process]:
+    try:
+        return list(process.children(recursive=True))
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def wait_ready(url: str, timeout_s: float, process: subprocess.Popen[bytes] | None = None) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"the gateway exited with code {process.returncode}")
+        try:
+            if httpx.get(f"{url}/ready", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise TimeoutError(f"{url} not ready after {timeout_s:.0f}s")
+
+
+def _tail(path: Path, lines: int = 60) -> str:
+    if not path.exists():
+        return "(no log)"
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+class ServiceError(RuntimeError):
+    """The service did not start or did not stop as it must."""
+
+
+@contextmanager
+def running_service(data_dir: Path, **settings: str) -> Iterator[RunningService]:
+    """Start the service with ``HYBRID_*`` overrides; on exit, SIGTERM it and check that the
+    whole engine went with it."""
+    port, engine_port = _free_port(), _free_port()
+    env = {
+        **os.environ,
+        "HYBRID_PORT": str(port),
+        "HYBRID_ENGINE_PORT": str(engine_port),
+        "HYBRID_DATA_DIR": str(data_dir),
+        **{f"HYBRID_{key.upper()}": value for key, value in settings.items()},
+    }
+    env.pop("HYBRID_ENGINE_URL", None)
+    gateway_log = data_dir / "gateway.log"
+    with gateway_log.open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "service", "serve"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+    running = RunningService(
+        url=f"http://127.0.0.1:{port}",
+        engine_url=f"http://127.0.0.1:{engine_port}",
+        engine_port=engine_port,
+        log_file=data_dir / "logs" / "engine.log",
+        data_dir=data_dir,
+        process=process,
+    )
+    try:
+        wait_ready(running.url, START_TIMEOUT_S, process)
+    except (RuntimeError, TimeoutError) as exc:
+        process.kill()
+        raise ServiceError(
+            f"{exc}\n--- gateway log\n{_tail(gateway_log)}\n--- engine log\n{_tail(running.log_file)}"
+        ) from exc
+    yield running
+    engine = running.engine_processes()
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired as exc:
+        process.kill()
+        raise ServiceError("the gateway did not stop within 60 s of SIGTERM") from exc
+    _, alive = psutil.wait_procs(engine, timeout=10)
+    orphans = [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]
+    if not engine:
+        raise ServiceError("no engine process was found while the service ran")
+    if orphans:
+        raise ServiceError(f"engine processes left behind after shutdown: {orphans}")
