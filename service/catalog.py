@@ -59,5 +59,5 @@ class ModelCatalog:
         if not cards:
             return ModelList(data=[])
         base = cards[0]
-        auto = ModelCard(id=AUTO, created=base.created, owned_by="hybrid-serve", root=base.id)
+        auto = ModelCard(id=AUTO, created=base.created, owned_by="hybrid-serve")
         return ModelList(data=[*cards, auto])

@@ -57,7 +57,7 @@ def _serve(args: argparse.Namespace) -> int:
         workers=1,
         log_level=settings.log_level.lower(),
         access_log=False,
-        timeout_graceful_shutdown=30,
+        timeout_graceful_shutdown=int(settings.drain_timeout_s),
     )
     return 0
 

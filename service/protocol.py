@@ -231,8 +231,8 @@ class ModelCard(_Wire):
     object: Literal["model"] = "model"
     created: int
     owned_by: str
-    # vLLM's extensions, kept because clients of vLLM read them
-    root: str | None = None
+    # vLLM's extensions, kept because clients of vLLM read them (not `root`: a path on the
+    # engine's disk)
     parent: str | None = None
     max_model_len: int | None = None
 

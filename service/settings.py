@@ -9,6 +9,8 @@ from pathlib import Path
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+VLLM_LORA_RANKS = frozenset({1, 8, 16, 32, 64, 128, 256, 320, 512})
+
 
 def _home(*parts: str) -> Path:
     return Path.home().joinpath(*parts)
@@ -23,6 +25,9 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="Address the gateway listens on.")
     port: int = Field(8000, ge=1, le=65535, description="Port the gateway listens on.")
     log_level: str = Field("info", description="Python log level of the gateway.")
+    drain_timeout_s: float = Field(
+        30.0, gt=0, description="On SIGTERM, how long in-flight requests may take to finish."
+    )
     data_dir: Path = Field(
         default_factory=lambda: _home(".local", "share", "hybrid-serve"),
         description="Durable state: engine log, adapter store, index.",
@@ -51,7 +56,9 @@ class Settings(BaseSettings):
     engine_port: int = Field(8001, ge=1, le=65535, description="Port of the local engine.")
     max_loras: int = Field(4, ge=1, description="LoRA adapters active in one batch (--max-loras).")
     max_cpu_loras: int = Field(8, ge=1, description="Adapters cached in CPU memory (--max-cpu-loras).")
-    max_lora_rank: int = Field(16, ge=1, description="Largest adapter rank accepted (--max-lora-rank).")
+    max_lora_rank: int = Field(
+        16, description="Largest adapter rank accepted (--max-lora-rank; one of vLLM's sizes)."
+    )
     max_model_len: int | None = Field(None, ge=16, description="Context window; unset: the model's.")
     engine_kv_cache_gib: int = Field(2, ge=1, description="KV cache of the CPU engine, GiB.")
     engine_extra_args: list[str] = Field(
@@ -81,6 +88,13 @@ class Settings(BaseSettings):
         if not value.startswith(("http://", "https://")):
             raise ValueError("engine_url must start with http:// or https://")
         return value.rstrip("/")
+
+    @field_validator("max_lora_rank")
+    @classmethod
+    def _a_rank_vllm_supports(cls, value: int) -> int:
+        if value not in VLLM_LORA_RANKS:
+            raise ValueError(f"max_lora_rank must be one of {sorted(VLLM_LORA_RANKS)}")
+        return value
 
     @property
     def manages_engine(self) -> bool:

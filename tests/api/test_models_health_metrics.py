@@ -49,8 +49,10 @@ async def test_models_conform_and_list_the_base_and_auto(client: httpx.AsyncClie
     assert base["max_model_len"] == MAX_MODEL_LEN
     assert "permission" not in base
     assert "parent" not in base
-    assert auto["root"] == BASE_MODEL
     assert auto["owned_by"] == "hybrid-serve"
+    # vLLM's `root` is a path on the engine's disk: not the clients' business.
+    assert "root" not in base
+    assert "root" not in auto
 
 
 async def test_models_lists_adapters_but_only_the_base_resolves(
