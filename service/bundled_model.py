@@ -143,17 +143,20 @@ def _write_checksums(directory: Path) -> None:
 
 
 def _verify(directory: Path) -> bool:
+    """True when the checksum file exists, is ours, and matches every file exactly. Anything
+    unreadable counts as a mismatch: the caller rebuilds."""
     checksum_path = directory / CHECKSUM_FILE
     if not checksum_path.is_file():
         return False
     try:
         recorded = json.loads(checksum_path.read_text())
-    except json.JSONDecodeError:
+    except (OSError, ValueError):  # ValueError covers bad JSON and bad UTF-8
         return False
-    if recorded.get("format") != _FORMAT_VERSION:
+    if not isinstance(recorded, dict) or recorded.get("format") != _FORMAT_VERSION:
         return False
-    expected: dict[str, str] = recorded.get("files", {})
-    present = {p.name for p in _files(directory)}
-    if not expected or set(expected) != present:
+    expected = recorded.get("files")
+    if not isinstance(expected, dict) or not expected:
+        return False
+    if set(expected) != {p.name for p in _files(directory)}:
         return False
     return all(_sha256(directory / name) == digest for name, digest in expected.items())

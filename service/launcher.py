@@ -73,9 +73,9 @@ def vllm_command(settings: Settings, model_dir: Path, served_name: str) -> list[
 def vllm_environment(settings: Settings) -> dict[str, str]:
     env = dict(os.environ)
     env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
-    env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.engine_kv_cache_gib))
+    env["VLLM_CPU_KVCACHE_SPACE"] = str(settings.engine_kv_cache_gib)
     # Weights are local; the engine must never reach for a hub.
-    env.setdefault("HF_HUB_OFFLINE", "1")
+    env["HF_HUB_OFFLINE"] = "1"
     env.setdefault("VLLM_NO_USAGE_STATS", "1")
     env.setdefault("DO_NOT_TRACK", "1")
     return env
@@ -154,7 +154,6 @@ class EngineSupervisor:
                 _signal_group(self._process.pid, signal.SIGKILL)
             except EngineStartError as exc:
                 logger.error("engine failed to start: %s", exc)
-                backoff = min(backoff * 2, _MAX_BACKOFF_S)
             if self._stopping:
                 return
             self.state = EngineState.RESTARTING
@@ -162,6 +161,7 @@ class EngineSupervisor:
                 self._on_restart()
             logger.warning("restarting the engine in %.0fs", backoff)
             await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, _MAX_BACKOFF_S)
 
     async def _spawn_until_ready(self) -> None:
         self._log_file.parent.mkdir(parents=True, exist_ok=True)
@@ -210,7 +210,11 @@ class EngineSupervisor:
 
     async def _terminate(self) -> None:
         process = self._process
-        if process is None or process.returncode is not None:
+        if process is None:
+            return
+        if process.returncode is not None:
+            # The leader is gone, but workers it forked may still hold memory and the port.
+            _signal_group(process.pid, signal.SIGKILL)
             return
         _signal_group(process.pid, signal.SIGTERM)
         try:

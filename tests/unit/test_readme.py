@@ -17,9 +17,7 @@ def test_every_setting_is_in_the_readme_table() -> None:
 
 def test_the_readme_documents_no_setting_that_does_not_exist() -> None:
     documented = {
-        line.split("`")[1]
-        for line in README.read_text().splitlines()
-        if line.startswith("| `HYBRID_")
+        line.split("`")[1] for line in README.read_text().splitlines() if line.startswith("| `HYBRID_")
     }
     known = {f"HYBRID_{name.upper()}" for name in Settings.model_fields}
     assert documented <= known, f"README rows for unknown settings: {documented - known}"

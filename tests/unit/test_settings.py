@@ -1,0 +1,133 @@
+"""The one settings class: defaults, the HYBRID_ environment prefix and its validation."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pydantic import SecretStr, ValidationError
+from pydantic_settings import SettingsError
+
+from service.settings import Settings, get_settings
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[pytest.MonkeyPatch]:
+    """Nothing from the developer's shell (a HYBRID_ENGINE_URL, say) leaks into these tests."""
+    for name in list(os.environ):
+        if name.startswith("HYBRID_"):
+            monkeypatch.delenv(name)
+    get_settings.cache_clear()
+    yield monkeypatch
+    get_settings.cache_clear()
+
+
+def test_defaults() -> None:
+    settings = Settings()
+    assert settings.host == "127.0.0.1"
+    assert settings.port == 8000
+    assert settings.engine_host == "127.0.0.1"
+    assert settings.engine_port == 8001
+    assert settings.engine_url is None
+    assert settings.engine_api_key is None
+    assert settings.max_model_len is None
+    assert settings.engine_extra_args == []
+    assert settings.cache_dir == Path.home() / ".cache" / "hybrid-serve"
+    assert settings.engine_log_file == settings.data_dir / "logs" / "engine.log"
+
+
+def test_environment_prefix(clean_env: pytest.MonkeyPatch) -> None:
+    clean_env.setenv("HYBRID_PORT", "9000")
+    clean_env.setenv("HYBRID_HOST", "0.0.0.0")
+    clean_env.setenv("HYBRID_ENGINE_PORT", "9001")
+    clean_env.setenv("HYBRID_MAX_LORAS", "2")
+    clean_env.setenv("HYBRID_ENGINE_API_KEY", "engine-s3cret")
+    clean_env.setenv("HYBRID_CACHE_DIR", "/tmp/hybrid-cache")
+    settings = Settings()
+
+    assert (settings.port, settings.host, settings.engine_port) == (9000, "0.0.0.0", 9001)
+    assert settings.max_loras == 2
+    assert isinstance(settings.engine_api_key, SecretStr)
+    assert settings.engine_api_key.get_secret_value() == "engine-s3cret"
+    assert "engine-s3cret" not in repr(settings)
+    assert settings.cache_dir == Path("/tmp/hybrid-cache")
+
+
+def test_unprefixed_variables_are_ignored(clean_env: pytest.MonkeyPatch) -> None:
+    clean_env.setenv("PORT", "1234")
+    clean_env.setenv("ENGINE_URL", "http://elsewhere:1")
+    settings = Settings()
+    assert settings.port == 8000
+    assert settings.engine_url is None
+
+
+def test_environment_values_are_validated(clean_env: pytest.MonkeyPatch) -> None:
+    clean_env.setenv("HYBRID_PORT", "70000")
+    with pytest.raises(ValidationError, match="port"):
+        Settings()
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        ("http://vllm:8000", "http://vllm:8000"),
+        ("http://vllm:8000/", "http://vllm:8000"),
+        ("https://engine.example/v1//", "https://engine.example/v1"),
+        ("", None),
+        ("   ", None),
+    ],
+)
+def test_engine_url_normalised(given: str, expected: str | None) -> None:
+    assert Settings(engine_url=given).engine_url == expected
+
+
+@pytest.mark.parametrize("given", ["ftp://vllm:8000", "vllm:8000", "localhost:8001", "ws://vllm"])
+def test_engine_url_needs_http(given: str) -> None:
+    with pytest.raises(ValidationError, match="http:// or https://"):
+        Settings(engine_url=given)
+
+
+def test_engine_url_from_environment(clean_env: pytest.MonkeyPatch) -> None:
+    clean_env.setenv("HYBRID_ENGINE_URL", "http://vllm:8000/")
+    assert Settings().engine_url == "http://vllm:8000"
+    clean_env.setenv("HYBRID_ENGINE_URL", "")
+    assert Settings().engine_url is None
+
+
+def test_local_engine_when_no_url() -> None:
+    settings = Settings(engine_host="127.0.0.5", engine_port=9301)
+    assert settings.manages_engine
+    assert settings.engine_base_url == "http://127.0.0.5:9301"
+
+
+def test_external_engine_when_url() -> None:
+    settings = Settings(engine_url="https://vllm.internal:8443/", engine_port=9301)
+    assert not settings.manages_engine
+    assert settings.engine_base_url == "https://vllm.internal:8443"
+
+
+def test_extra_args_as_json_list(clean_env: pytest.MonkeyPatch) -> None:
+    clean_env.setenv("HYBRID_ENGINE_EXTRA_ARGS", '["--dtype", "bfloat16", "--enforce-eager"]')
+    assert Settings().engine_extra_args == ["--dtype", "bfloat16", "--enforce-eager"]
+
+
+def test_extra_args_not_json_refused(clean_env: pytest.MonkeyPatch) -> None:
+    clean_env.setenv("HYBRID_ENGINE_EXTRA_ARGS", "--dtype bfloat16")
+    with pytest.raises(SettingsError):
+        Settings()
+
+
+def test_settings_are_frozen() -> None:
+    settings = Settings()
+    with pytest.raises(ValidationError):
+        settings.port = 9000  # type: ignore[misc]
+
+
+def test_get_settings_is_cached(clean_env: pytest.MonkeyPatch) -> None:
+    clean_env.setenv("HYBRID_PORT", "9100")
+    first = get_settings()
+    clean_env.setenv("HYBRID_PORT", "9200")
+    assert get_settings() is first
+    assert first.port == 9100
