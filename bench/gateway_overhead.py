@@ -4,7 +4,9 @@ run, alternating between the two so that the machine's noise falls on both alike
 Measures (pinned route, one uvicorn worker):
 - added latency of non-streaming short generations (p50, p99 of gateway minus direct),
 - streaming time-to-first-token delta (p50),
-- throughput through the gateway relative to direct at the engine's saturating concurrency.
+- throughput through the gateway relative to direct at the engine's saturating concurrency;
+- and, apart, the added latency in front of a canned engine that answers at once (the
+  gateway's own cost, without the real engine competing for the same CPU cores).
 
 Writes ``bench/results/gateway_overhead.json`` and ``.png``. Not a test: it reports.
 """
@@ -15,17 +17,21 @@ import argparse
 import asyncio
 import itertools
 import json
+import os
 import platform
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from tests.harness import RunningService, running_service
+from tests.harness import RunningService, free_port, running_service, wait_ready
 
 MODEL = "SmolLM2-135M-Instruct"
 SHORT = {
@@ -125,6 +131,49 @@ def saturating_concurrency(
     return chosen, sweep
 
 
+@contextmanager
+def gateway_over_canned_engine() -> Iterator[tuple[str, str]]:
+    """The gateway in front of :mod:`bench.canned_engine`: (direct URL, gateway URL)."""
+    engine_port, port = free_port(), free_port()
+    engine = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "bench.canned_engine:app",
+            "--port",
+            str(engine_port),
+            "--log-level",
+            "warning",
+            "--no-access-log",
+        ],
+    )
+    env = {**os.environ, "HYBRID_ENGINE_URL": f"http://127.0.0.1:{engine_port}", "HYBRID_PORT": str(port)}
+    gateway = subprocess.Popen([sys.executable, "-m", "service", "serve"], env=env)
+    try:
+        wait_ready(f"http://127.0.0.1:{port}", 60, gateway)
+        yield f"http://127.0.0.1:{engine_port}", f"http://127.0.0.1:{port}"
+    finally:
+        for process in (gateway, engine):
+            process.terminate()
+            process.wait(timeout=30)
+
+
+def intrinsic(args: argparse.Namespace) -> dict[str, Any]:
+    """Added latency with an engine that costs nothing: the gateway's own share."""
+    with gateway_over_canned_engine() as (direct, gateway), httpx.Client(timeout=30) as client:
+        for base in (direct, gateway):
+            for _ in range(200):
+                latency_ms(client, base)
+        samples = alternate(args.intrinsic_pairs, lambda b: latency_ms(client, b), (direct, gateway))
+    latency = {"direct": summary(samples[direct]), "gateway": summary(samples[gateway])}
+    return {
+        "latency": latency,
+        "added_p50_ms": latency["gateway"]["p50_ms"] - latency["direct"]["p50_ms"],
+        "added_p99_ms": latency["gateway"]["p99_ms"] - latency["direct"]["p99_ms"],
+    }
+
+
 def run(service: RunningService, args: argparse.Namespace) -> dict[str, Any]:
     direct, gateway = service.engine_url, service.url
     names = {direct: "direct", gateway: "gateway"}
@@ -202,9 +251,12 @@ def plot(result: dict[str, Any], path: Path) -> None:
         f"(ratio {result['figures']['throughput_ratio']:.3f})"
     )
     axes[2].set_ylabel("completion tokens / s")
+    own = result["intrinsic"]
     fig.suptitle(
-        "Gateway overhead: added p50 {added_p50_ms:.2f} ms, p99 {added_p99_ms:.2f} ms, "
+        "Gateway overhead over vLLM: added p50 {added_p50_ms:.2f} ms, p99 {added_p99_ms:.2f} ms, "
         "TTFT delta p50 {ttft_delta_p50_ms:.2f} ms".format(**result["figures"])
+        + f"\nover a canned engine (the gateway's own cost): added p50 {own['added_p50_ms']:.2f} ms, "
+        f"p99 {own['added_p99_ms']:.2f} ms"
     )
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -220,15 +272,22 @@ def main() -> None:
     parser.add_argument("--sweep-seconds", type=float, default=8.0)
     parser.add_argument("--rounds", type=int, default=4, help="throughput rounds per side")
     parser.add_argument("--round-seconds", type=float, default=15.0)
+    parser.add_argument("--intrinsic-pairs", type=int, default=2000, help="samples per side, canned engine")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as data, running_service(Path(data)) as service:
         result = run(service, args)
+    result["intrinsic"] = intrinsic(args)
     result["parameters"]["out"] = str(args.out)
     (args.out / "gateway_overhead.json").write_text(json.dumps(result, indent=2, default=str))
     plot(result, args.out / "gateway_overhead.png")
-    print(json.dumps({"figures": result["figures"], "met": result["met"]}, indent=2))
+    intrinsic_figures = {k: v for k, v in result["intrinsic"].items() if k != "latency"}
+    print(
+        json.dumps(
+            {"figures": result["figures"], "met": result["met"], "intrinsic": intrinsic_figures}, indent=2
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -73,7 +73,7 @@ def _children(process: psutil.Process) -> list[psutil.Process]:
         return []
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
@@ -108,7 +108,7 @@ class ServiceError(RuntimeError):
 def running_service(data_dir: Path, **settings: str) -> Iterator[RunningService]:
     """Start the service with ``HYBRID_*`` overrides; on exit, SIGTERM it and check that the
     whole engine went with it."""
-    port, engine_port = _free_port(), _free_port()
+    port, engine_port = free_port(), free_port()
     env = {
         **os.environ,
         "HYBRID_PORT": str(port),
