@@ -34,6 +34,11 @@ class ModelCatalog:
         self._base_ids = tuple(card.id for card in cards if card.parent is None)
         return cards
 
+    def forget(self) -> None:
+        """Drop what was learnt: the engine said it does not serve a model we resolved to (it
+        restarted with another model), so the next request asks it again."""
+        self._base_ids = ()
+
     async def resolve(self, requested: str) -> str:
         """The engine model id for a request's ``model``; 404 when there is no such model."""
         if not self._base_ids:

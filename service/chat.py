@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from service.catalog import ModelCatalog
 from service.engine import Engine, EngineStream
-from service.errors import APIError, UpstreamError
+from service.errors import APIError, NotFoundError, UpstreamError
 from service.limits import RequestLimits
 from service.metrics import Metrics
 from service.protocol import ChatCompletion, ChatCompletionChunk, ChatCompletionRequest
@@ -33,7 +33,11 @@ class ChatService:
     async def complete(self, request: ChatCompletionRequest) -> ChatCompletion:
         self._limits.check(request)
         model = await self._catalog.resolve(request.model)
-        completion = await self._engine.chat(request.engine_payload(model))
+        try:
+            completion = await self._engine.chat(request.engine_payload(model))
+        except NotFoundError:
+            self._catalog.forget()
+            raise
         self._metrics.count_usage(model, completion.usage)
         return completion
 
@@ -47,7 +51,11 @@ class ChatService:
         # only if it asked too.
         payload["stream_options"] = {"include_usage": True}
         wants_usage = request.stream_options is not None and request.stream_options.include_usage
-        upstream = await self._engine.open_chat_stream(payload)
+        try:
+            upstream = await self._engine.open_chat_stream(payload)
+        except NotFoundError:
+            self._catalog.forget()
+            raise
         return ChatStream(upstream, model=model, wants_usage=wants_usage, metrics=self._metrics)
 
 

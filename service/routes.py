@@ -79,7 +79,7 @@ async def list_models(catalog: CatalogDep) -> Response:
     return Response(models.model_dump_json(), media_type=_JSON)
 
 
-@router.get("/health")
+@router.api_route("/health", methods=["GET", "HEAD"])
 async def health() -> dict[str, str]:
     """The process is alive (it says nothing about the engine: see /ready)."""
     return {"status": "ok"}

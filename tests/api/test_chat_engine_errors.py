@@ -8,7 +8,7 @@ import pytest
 
 from service.settings import Settings
 from tests.api.conftest import CHAT, USER, assert_error, chat_body
-from tests.fakes import BASE_MODEL, Drop, FakeEngine, RawReply, Stall
+from tests.fakes import BASE_MODEL, Drop, FakeEngine, RawReply, Stall, model_card
 
 # ---------------------------------------------------------------------------- models
 
@@ -128,6 +128,24 @@ async def test_engine_404_is_404_model_not_found(client: httpx.AsyncClient, engi
     response = await client.post(CHAT, json=chat_body())
     error = assert_error(response, 404, param="model", code="model_not_found")
     assert "does not exist" in error["message"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_an_engine_that_changed_its_model_is_asked_again(
+    client: httpx.AsyncClient, engine: FakeEngine, stream: bool
+) -> None:
+    # The engine restarted with another model: the cached base id is stale. The request that
+    # finds out fails (404), the next one learns the new id instead of failing forever.
+    assert (await client.get("/ready")).status_code == 200
+    engine.models = [model_card("new-base")]
+    engine.enqueue_error(404, "The model `tiny-base` does not exist.", error_type="NotFoundError")
+    assert_error(
+        await client.post(CHAT, json=chat_body(stream=stream)), 404, param="model", code="model_not_found"
+    )
+    engine.enqueue_completion(model="new-base")
+    response = await client.post(CHAT, json=chat_body())
+    assert response.status_code == 200, response.text
+    assert engine.last_chat_body["model"] == "new-base"
 
 
 @pytest.mark.parametrize("status", [500, 502])

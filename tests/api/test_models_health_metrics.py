@@ -232,13 +232,19 @@ async def test_unknown_route_is_404_envelope(client: httpx.AsyncClient) -> None:
     assert "/v1/completions/nope" in error["message"]
 
 
+async def test_health_answers_head_for_load_balancers(client: httpx.AsyncClient) -> None:
+    response = await client.head("/health")
+    assert response.status_code == 200
+    assert response.content == b""
+
+
 @pytest.mark.parametrize(
     ("method", "path", "allow"),
     [
         ("GET", CHAT, "POST"),
         ("PUT", CHAT, "POST"),
         ("POST", "/v1/models", "GET"),
-        ("DELETE", "/health", "GET"),
+        ("DELETE", "/health", "GET, HEAD"),
     ],
 )
 async def test_wrong_method_is_405_envelope(
