@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -24,8 +23,6 @@ from service.metrics import Metrics
 from service.middleware import BodySizeLimit, RequestContext
 from service.routes import router
 from service.settings import Settings, get_settings
-
-logger = logging.getLogger(__name__)
 
 
 def build_app(settings: Settings | None = None) -> FastAPI:
