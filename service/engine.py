@@ -50,6 +50,10 @@ class EngineStream(Protocol):
 class Engine(Protocol):
     async def list_models(self) -> list[ModelCard]: ...
 
+    async def load_adapter(self, name: str, path: str, *, replace: bool) -> None: ...
+
+    async def unload_adapter(self, name: str) -> bool: ...
+
     async def chat(self, payload: dict[str, Any]) -> ChatCompletion: ...
 
     async def open_chat_stream(self, payload: dict[str, Any]) -> EngineStream: ...
@@ -94,6 +98,23 @@ class VLLMEngine:
         if status != 200:
             raise self._status_error(status, body)
         return _parse(ModelList, body).data
+
+    async def load_adapter(self, name: str, path: str, *, replace: bool) -> None:
+        """Load a LoRA adapter under ``name``. ``replace`` swaps the weights of a loaded one in
+        place (from a new ``path``, so vLLM does not reuse prefix-cache blocks of the old)."""
+        payload = {"lora_name": name, "lora_path": path, "load_inplace": replace}
+        status, body = await self._request("POST", "/v1/load_lora_adapter", payload=payload)
+        if status != 200:
+            raise self._status_error(status, body)
+
+    async def unload_adapter(self, name: str) -> bool:
+        """Unload ``name``; False when the engine did not have it."""
+        status, body = await self._request("POST", "/v1/unload_lora_adapter", payload={"lora_name": name})
+        if status == 404:
+            return False
+        if status != 200:
+            raise self._status_error(status, body)
+        return True
 
     async def chat(self, payload: dict[str, Any]) -> ChatCompletion:
         status, body = await self._request("POST", _CHAT, payload=payload)

@@ -1,0 +1,5 @@
+"""Fixtures shared by the unit tests: the real PEFT adapters of ``tests/adapter_factory.py``."""
+
+from tests.adapter_factory import bundled_base_dir, lora_adapter, other_lora_adapter
+
+__all__ = ["bundled_base_dir", "lora_adapter", "other_lora_adapter"]
