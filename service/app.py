@@ -6,23 +6,31 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 from fastapi import FastAPI
 
+from adapters.store import AdapterStore
+from adapters.validation import BaseModelInfo
 from service import __version__
-from service.bundled_model import SERVED_NAME, ensure_bundled_model
+from service.adapter_registry import AdapterRegistry
+from service.admin import router as admin_router
+from service.bundled_model import HF_ID, SERVED_NAME, ensure_bundled_model
 from service.catalog import ModelCatalog
 from service.chat import ChatService
 from service.engine import VLLMEngine, engine_session
 from service.error_handlers import install_error_handlers
+from service.errors import APIError
 from service.launcher import EngineSupervisor, vllm_command, vllm_environment
 from service.limits import RequestLimits
 from service.metrics import Metrics
 from service.middleware import BodySizeLimit, RequestContext
 from service.routes import router
 from service.settings import Settings, get_settings
+
+logger = logging.getLogger(__name__)
 
 
 def build_app(settings: Settings | None = None) -> FastAPI:
@@ -38,11 +46,18 @@ def build_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.metrics = metrics
     app.include_router(router)
+    if settings.admin_token is not None:
+        app.include_router(admin_router)
     install_error_handlers(app, metrics)
     routes = frozenset(getattr(route, "path", "") for route in app.routes)
     # Added last = outermost: every response, a 413 from the size limit included, gets a
     # request id and is counted; the size limit still runs before anything reads the body.
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes, metrics=metrics)
+    app.add_middleware(
+        BodySizeLimit,
+        max_bytes=settings.max_body_bytes,
+        metrics=metrics,
+        larger={"/admin/": settings.max_upload_bytes},
+    )
     app.add_middleware(RequestContext, metrics=metrics, routes=routes)
     return app
 
@@ -59,33 +74,88 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     )
     engine = VLLMEngine(session, settings.engine_base_url, retry_after_s=settings.retry_after_s)
     catalog = ModelCatalog(engine, retry_after_s=settings.retry_after_s)
+    model_dir = await asyncio.to_thread(_local_model, settings) if settings.manages_engine else None
+    store = await asyncio.to_thread(AdapterStore, settings.adapter_store_dir)
+    registry = AdapterRegistry(
+        store,
+        engine,
+        base_model=_BaseModelFacts(catalog, settings, model_dir[0] if model_dir else None),
+        max_rank=settings.max_lora_rank,
+        retry_after_s=settings.retry_after_s,
+    )
     app.state.catalog = catalog
-    app.state.chat = ChatService(engine, catalog, RequestLimits.from_settings(settings), metrics)
+    app.state.adapters = registry
+    app.state.chat = ChatService(engine, catalog, RequestLimits.from_settings(settings), metrics, registry)
     supervisor: EngineSupervisor | None = None
-    if settings.manages_engine:
-        supervisor = await _local_engine(settings, metrics)
+    background: asyncio.Task[None] | None = None
+    if model_dir is not None:
+
+        def engine_restarting() -> None:
+            metrics.engine_restarts.inc()
+            registry.engine_lost()
+
+        supervisor = EngineSupervisor(
+            vllm_command(settings, *model_dir),
+            env=vllm_environment(settings),
+            ready_url=f"{settings.engine_base_url}/v1/models",
+            log_file=settings.engine_log_file,
+            start_timeout_s=settings.engine_start_timeout_s,
+            on_restart=engine_restarting,
+        )
         supervisor.add_ready_hook(catalog.refresh)
+        supervisor.add_ready_hook(registry.reconcile)
         # The gateway answers /health at once; /ready and chat say 503 until the engine is up.
         supervisor.start()
+    else:
+        background = asyncio.create_task(_reconcile_when_reachable(catalog, registry, settings.retry_after_s))
     app.state.supervisor = supervisor
     try:
         yield
     finally:
+        if background is not None:
+            background.cancel()
         if supervisor is not None:
             await supervisor.stop()
         await session.close()
 
 
-async def _local_engine(settings: Settings, metrics: Metrics) -> EngineSupervisor:
-    model_dir, served_name = await asyncio.to_thread(_local_model, settings)
-    return EngineSupervisor(
-        vllm_command(settings, model_dir, served_name),
-        env=vllm_environment(settings),
-        ready_url=f"{settings.engine_base_url}/v1/models",
-        log_file=settings.engine_log_file,
-        start_timeout_s=settings.engine_start_timeout_s,
-        on_restart=metrics.engine_restarts.inc,
-    )
+async def _reconcile_when_reachable(catalog: ModelCatalog, registry: AdapterRegistry, every_s: int) -> None:
+    """An external engine: load the store's adapters into it as soon as it answers.
+
+    (Its restarts are not seen from here; the filesystem resolver, configured in the deploy
+    files, reloads adapters by name from the shared store on first use.)"""
+    while True:
+        try:
+            await catalog.refresh()
+            await registry.reconcile()
+            return
+        except APIError as exc:
+            logger.warning("engine not reconciled yet (%s); retrying in %ss", exc.message, every_s)
+            await asyncio.sleep(every_s)
+
+
+class _BaseModelFacts:
+    """What adapters are validated against, learnt once the engine has said its model id."""
+
+    def __init__(self, catalog: ModelCatalog, settings: Settings, local_dir: Path | None) -> None:
+        self._catalog = catalog
+        self._dir = local_dir or settings.base_model_dir
+        self._hf_id = settings.base_model_hf_id or (
+            HF_ID if local_dir and settings.model_dir is None else None
+        )
+        self._known: BaseModelInfo | None = None
+
+    def __call__(self) -> BaseModelInfo | None:
+        served = self._catalog.base_model
+        if served is None:
+            return None
+        if self._known is None or self._known.served_id != served:
+            if self._dir is not None:
+                self._known = BaseModelInfo.from_model_dir(self._dir, served, self._hf_id)
+            else:
+                aliases = {served} | ({self._hf_id} if self._hf_id else set())
+                self._known = BaseModelInfo(served, frozenset(aliases))
+        return self._known
 
 
 def _local_model(settings: Settings) -> tuple[Path, str]:

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 
 from pydantic import ValidationError
 
+from service.adapter_registry import AdapterRegistry
 from service.catalog import ModelCatalog
 from service.engine import Engine, EngineStream
 from service.errors import APIError, NotFoundError, UpstreamError
@@ -23,16 +24,29 @@ DONE = "[DONE]"
 
 class ChatService:
     def __init__(
-        self, engine: Engine, catalog: ModelCatalog, limits: RequestLimits, metrics: Metrics
+        self,
+        engine: Engine,
+        catalog: ModelCatalog,
+        limits: RequestLimits,
+        metrics: Metrics,
+        adapters: AdapterRegistry | None = None,
     ) -> None:
         self._engine = engine
         self._catalog = catalog
         self._limits = limits
         self._metrics = metrics
+        self._adapters = adapters
+
+    async def _resolve(self, requested: str) -> str:
+        """The engine model id: a registered adapter by its name, else a base model or auto."""
+        if self._adapters is not None and self._adapters.is_registered(requested):
+            self._adapters.check_servable(requested)
+            return requested
+        return await self._catalog.resolve(requested)
 
     async def complete(self, request: ChatCompletionRequest) -> ChatCompletion:
         self._limits.check(request)
-        model = await self._catalog.resolve(request.model)
+        model = await self._resolve(request.model)
         try:
             completion = await self._engine.chat(request.engine_payload(model))
         except NotFoundError:
@@ -45,7 +59,7 @@ class ChatService:
         """Open the upstream stream before answering, so that the engine's refusals (context
         too long, unknown model) are plain HTTP errors rather than events in a 200 stream."""
         self._limits.check(request)
-        model = await self._catalog.resolve(request.model)
+        model = await self._resolve(request.model)
         payload = request.engine_payload(model)
         # Usage is always asked of the engine (for the token metrics); the client sees it
         # only if it asked too.

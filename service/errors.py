@@ -6,7 +6,8 @@ The tree:
     ├── InvalidRequestError       400  the client's request is wrong (names ``param``)
     ├── AuthenticationError       401
     ├── PermissionDeniedError     403
-    ├── NotFoundError             404  unknown model or route
+    ├── NotFoundError             404  unknown model, adapter or route
+    ├── ConflictError             409  a name already taken
     ├── PayloadTooLargeError      413  body over the configured limit
     ├── UnsupportedMediaTypeError 415  a body that is not JSON
     ├── EngineUnavailableError    503  engine down or restarting (sends Retry-After)
@@ -70,6 +71,11 @@ class PermissionDeniedError(APIError):
 
 class NotFoundError(APIError):
     status_code = 404
+    error_type = "invalid_request_error"
+
+
+class ConflictError(APIError):
+    status_code = 409
     error_type = "invalid_request_error"
 
 

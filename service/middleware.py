@@ -16,18 +16,24 @@ class BodySizeLimit:
     """413 for a body over ``max_bytes``: at once from ``Content-Length``, or as soon as a
     chunked body passes the limit, before anything parses it."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int, metrics: Metrics) -> None:
+    def __init__(
+        self, app: ASGIApp, max_bytes: int, metrics: Metrics, larger: dict[str, int] | None = None
+    ) -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.metrics = metrics
+        self.larger = larger or {}  # path prefix -> its own limit (adapter uploads)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = next(
+            (n for prefix, n in self.larger.items() if scope["path"].startswith(prefix)), self.max_bytes
+        )
         declared = _header(scope, b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
-            error = self._too_large()
+        if declared is not None and (not declared.isdigit() or int(declared) > limit):
+            error = self._too_large(limit)
             self.metrics.count_error(error.error_type, error.code)
             await send_error(send, error)
             return
@@ -38,14 +44,14 @@ class BodySizeLimit:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    raise self._too_large()
+                if received > limit:
+                    raise self._too_large(limit)
             return message
 
         await self.app(scope, limited_receive, send)
 
-    def _too_large(self) -> PayloadTooLargeError:
-        return PayloadTooLargeError(f"The request body exceeds the limit of {self.max_bytes} bytes.")
+    def _too_large(self, limit: int) -> PayloadTooLargeError:
+        return PayloadTooLargeError(f"The request body exceeds the limit of {limit} bytes.")
 
 
 REQUEST_ID = "request_id"

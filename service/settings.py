@@ -71,8 +71,30 @@ class Settings(BaseSettings):
     )
     engine_max_connections: int = Field(512, ge=1, description="Connection pool size to the engine.")
 
+    # -- adapters and the admin API
+    admin_token: SecretStr | None = Field(
+        None, description="Bearer token of the admin API; unset: the admin routes are not mounted."
+    )
+    adapter_dir: Path | None = Field(
+        None, description="The adapter store (shared storage on many hosts); unset: DATA_DIR/adapters."
+    )
+    adapter_import_dir: Path | None = Field(
+        None, description="Registrations may name server-side paths inside it; unset: uploads only."
+    )
+    base_model_dir: Path | None = Field(
+        None,
+        description="The served model's directory, to check adapters' target modules and shapes "
+        "with an external engine (the local engine's is known).",
+    )
+    base_model_hf_id: str | None = Field(
+        None, description="The Hugging Face id the served model was made from (accepted in adapter configs)."
+    )
+
     # -- request limits (a request beyond them is a 400 or 413, never a 5xx)
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Largest request body.")
+    max_upload_bytes: int = Field(
+        1024 * 1024 * 1024, ge=1024, description="Largest admin request body (adapter uploads)."
+    )
     max_messages: int = Field(1024, ge=1, description="Most messages in one chat request.")
     max_n: int = Field(8, ge=1, description="Largest `n` (choices per request).")
     max_tokens_cap: int = Field(4096, ge=1, description="Largest `max_tokens` a request may ask.")
@@ -104,6 +126,10 @@ class Settings(BaseSettings):
     @property
     def engine_base_url(self) -> str:
         return self.engine_url or f"http://{self.engine_host}:{self.engine_port}"
+
+    @property
+    def adapter_store_dir(self) -> Path:
+        return self.adapter_dir or self.data_dir / "adapters"
 
     @property
     def engine_log_file(self) -> Path:

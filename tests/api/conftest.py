@@ -5,7 +5,9 @@ indirectly); everything else is built from it."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+from pathlib import Path
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -48,9 +50,13 @@ async def engine() -> AsyncIterator[FakeEngine]:
 
 
 @pytest.fixture
-async def app(settings: Settings, engine: FakeEngine) -> AsyncIterator[FastAPI]:
-    app = build_app(settings.model_copy(update={"engine_url": engine.url}))
+async def app(settings: Settings, engine: FakeEngine, tmp_path: Path) -> AsyncIterator[FastAPI]:
+    app = build_app(settings.model_copy(update={"engine_url": engine.url, "data_dir": tmp_path}))
     async with app.router.lifespan_context(app):
+        # The gateway reconciles an external engine's adapters in the background on start:
+        # let that finish, so each test sees only the engine traffic it causes.
+        await asyncio.wait_for(app.state.adapters.wait_reconciled(), timeout=5)
+        engine.requests.clear()
         yield app
 
 

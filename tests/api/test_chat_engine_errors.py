@@ -4,6 +4,7 @@ the client's mistake, anything else is a 5xx in OpenAI's envelope (503 with Retr
 from __future__ import annotations
 
 import httpx
+from fastapi import FastAPI
 import pytest
 
 from service.settings import Settings
@@ -37,12 +38,13 @@ async def test_model_defaults_to_auto(client: httpx.AsyncClient, engine: FakeEng
     assert engine.last_chat_body["model"] == BASE_MODEL
 
 
-async def test_models_are_fetched_once_then_cached(client: httpx.AsyncClient, engine: FakeEngine) -> None:
+async def test_models_are_learnt_at_start_then_cached(client: httpx.AsyncClient, engine: FakeEngine) -> None:
+    # The app fixture waited for the start-up reconciliation, which learnt the base model.
     engine.enqueue_completion()
     engine.enqueue_completion()
     for _ in range(2):
         assert (await client.post(CHAT, json=chat_body())).status_code == 200
-    assert [r.path for r in engine.requests if r.method == "GET"] == ["/v1/models"]
+    assert [r.path for r in engine.requests if r.method == "GET"] == []
 
 
 # ---------------------------------------------------------------------------- engine failures
@@ -58,8 +60,9 @@ async def test_engine_connect_error_is_503_with_retry_after(
 
 
 async def test_engine_down_while_learning_models_is_503(
-    client: httpx.AsyncClient, engine: FakeEngine
+    client: httpx.AsyncClient, engine: FakeEngine, app: FastAPI
 ) -> None:
+    app.state.catalog.forget()  # as if the engine had never answered since the gateway started
     engine.models_error = Drop()
     response = await client.post(CHAT, json=chat_body())
     assert_error(response, 503, param=None, code="engine_unavailable")
@@ -67,7 +70,10 @@ async def test_engine_down_while_learning_models_is_503(
     assert engine.chat_requests == []
 
 
-async def test_engine_serving_no_model_is_503(client: httpx.AsyncClient, engine: FakeEngine) -> None:
+async def test_engine_serving_no_model_is_503(
+    client: httpx.AsyncClient, engine: FakeEngine, app: FastAPI
+) -> None:
+    app.state.catalog.forget()
     engine.models = []
     response = await client.post(CHAT, json=chat_body())
     assert_error(response, 503, param=None, code="engine_unavailable")
