@@ -4,8 +4,8 @@ the client's mistake, anything else is a 5xx in OpenAI's envelope (503 with Retr
 from __future__ import annotations
 
 import httpx
-from fastapi import FastAPI
 import pytest
+from fastapi import FastAPI
 
 from service.settings import Settings
 from tests.api.conftest import CHAT, USER, assert_error, chat_body
