@@ -19,6 +19,7 @@ import openai
 import psutil
 
 START_TIMEOUT_S = 600.0
+ADMIN_TOKEN = "e2e-admin-token"
 MAX_MODEL_LEN = 2048
 
 
@@ -34,6 +35,12 @@ class RunningService:
     def client(self, *, max_retries: int = 2, timeout: float = 120.0) -> openai.OpenAI:
         return openai.OpenAI(
             base_url=f"{self.url}/v1", api_key="unused", max_retries=max_retries, timeout=timeout
+        )
+
+    def admin(self) -> httpx.Client:
+        """An HTTP client for the admin API, with its token."""
+        return httpx.Client(
+            base_url=self.url, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=120
         )
 
     def engine_processes(self) -> list[psutil.Process]:

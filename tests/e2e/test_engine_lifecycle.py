@@ -5,17 +5,21 @@ from __future__ import annotations
 
 import signal
 import time
+from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
+from tests.e2e.test_adapters import upload
 from tests.harness import START_TIMEOUT_S, RunningService, wait_ready
 
 pytestmark = pytest.mark.e2e
 
 
-def test_a_killed_engine_is_restarted(service: RunningService) -> None:
+def test_a_killed_engine_is_restarted_with_its_adapters(service: RunningService, lora_adapter: Path) -> None:
+    with service.admin() as admin:
+        assert upload(admin, "survivor", lora_adapter).status_code == 201
     engine = service.engine_processes()
     leader = min(engine, key=lambda p: p.create_time())
     leader.send_signal(signal.SIGKILL)
@@ -44,5 +48,21 @@ def test_a_killed_engine_is_restarted(service: RunningService) -> None:
     )
     assert completion.choices[0].message.content
     assert leader.pid not in {p.pid for p in service.engine_processes()}
+    # The adapter is loaded again by the reconciliation that follows every restart; until
+    # then a request for it is a 503 (retry), never a 404.
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            survivor = client.chat.completions.create(
+                model="survivor", messages=[{"role": "user", "content": "Hi"}], max_tokens=4
+            )
+            break
+        except openai.APIStatusError as exc:
+            if exc.status_code != 503 or time.monotonic() > deadline:
+                raise
+            time.sleep(1)
+    assert survivor.model == "survivor"
+    with service.admin() as admin:
+        assert admin.delete("/admin/adapters/survivor").status_code == 204
     metrics = httpx.get(f"{service.url}/metrics", timeout=10).text
     assert "hybrid_engine_restarts_total 1.0" in metrics
