@@ -8,6 +8,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from service import cli_adapters
 from service.settings import Settings
 
 
@@ -31,6 +32,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     model.add_argument("--cache-dir", help="where to build it (HYBRID_CACHE_DIR)")
     model.set_defaults(handler=_model)
+
+    cli_adapters.add_parser(commands)
 
     args = parser.parse_args(argv)
     code: int = args.handler(args)

@@ -72,6 +72,9 @@ class Settings(BaseSettings):
     engine_max_connections: int = Field(512, ge=1, description="Connection pool size to the engine.")
 
     # -- adapters and the admin API
+    gateway_url: str | None = Field(
+        None, description="Where the CLI finds the gateway's admin API; unset: http://HOST:PORT."
+    )
     admin_token: SecretStr | None = Field(
         None, description="Bearer token of the admin API; unset: the admin routes are not mounted."
     )
@@ -126,6 +129,11 @@ class Settings(BaseSettings):
     @property
     def engine_base_url(self) -> str:
         return self.engine_url or f"http://{self.engine_host}:{self.engine_port}"
+
+    @property
+    def gateway_base_url(self) -> str:
+        host = "127.0.0.1" if self.host in {"0.0.0.0", "::"} else self.host
+        return (self.gateway_url or f"http://{host}:{self.port}").rstrip("/")
 
     @property
     def adapter_store_dir(self) -> Path:

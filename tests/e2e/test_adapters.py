@@ -4,7 +4,10 @@ real vLLM engine, served by name through the OpenAI SDK."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -15,7 +18,7 @@ import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
-from tests.harness import RunningService
+from tests.harness import ADMIN_TOKEN, RunningService
 from tests.openai_schema import assert_conforms
 
 pytestmark = pytest.mark.e2e
@@ -136,3 +139,31 @@ def test_invalid_registrations_do_not_disturb_traffic(
             worker.join(timeout=120)
     assert refusals == [400] * 25
     assert failures == []
+
+
+def test_the_cli_drives_the_admin_api(service: RunningService, lora_adapter: Path) -> None:
+    env = {**os.environ, "HYBRID_GATEWAY_URL": service.url, "HYBRID_ADMIN_TOKEN": ADMIN_TOKEN}
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "service", "adapters", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+
+    added = cli(
+        "add", "from-cli", str(lora_adapter), "--description", "made by the CLI", "--example", "hello"
+    )
+    assert added.returncode == 0, added.stderr
+    assert json.loads(added.stdout)["examples"] == ["hello"]
+    assert "from-cli" in {r["name"] for r in json.loads(cli("list").stdout)["data"]}
+    assert json.loads(cli("show", "from-cli").stdout)["description"] == "made by the CLI"
+    again = cli("add", "from-cli", str(lora_adapter))
+    assert again.returncode == 1
+    assert "exists" in again.stderr
+    assert cli("rm", "from-cli").returncode == 0
+    missing = cli("show", "from-cli")
+    assert missing.returncode == 1
+    assert "404" in missing.stderr

@@ -1,0 +1,114 @@
+"""``hybrid-serve adapters add|list|show|rm``: the admin API from the command line (the gateway's
+URL and admin token come from the settings: ``HYBRID_GATEWAY_URL``, ``HYBRID_ADMIN_TOKEN``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from service.settings import Settings
+
+
+def add_parser(commands: Any) -> None:
+    adapters = commands.add_parser("adapters", help="register, list, show and remove LoRA adapters")
+    verbs = adapters.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    add = verbs.add_parser(
+        "add", help="upload a PEFT adapter directory (or name one in the import directory)"
+    )
+    add.add_argument("name")
+    add.add_argument(
+        "source",
+        help="a local PEFT directory to upload, or with --server-path a path in HYBRID_ADAPTER_IMPORT_DIR",
+    )
+    add.add_argument(
+        "--server-path", action="store_true", help="SOURCE is on the gateway, inside its import directory"
+    )
+    add.add_argument("--description", default="")
+    add.add_argument(
+        "--example", action="append", default=[], dest="examples", help="an example prompt (repeat)"
+    )
+    add.add_argument("--threshold", type=float)
+    add.add_argument("--replace", action="store_true", help="swap an existing adapter of that name")
+    add.set_defaults(handler=_add)
+
+    listing = verbs.add_parser("list", help="every registered adapter")
+    listing.set_defaults(handler=_list)
+    show = verbs.add_parser("show", help="one adapter's record")
+    show.add_argument("name")
+    show.set_defaults(handler=_show)
+    remove = verbs.add_parser("rm", help="unload and delete an adapter")
+    remove.add_argument("name")
+    remove.set_defaults(handler=_remove)
+
+
+def _client() -> httpx.Client:
+    settings = Settings()
+    if settings.admin_token is None:
+        raise SystemExit("HYBRID_ADMIN_TOKEN is not set: the admin API needs it")
+    return httpx.Client(
+        base_url=settings.gateway_base_url,
+        headers={"Authorization": f"Bearer {settings.admin_token.get_secret_value()}"},
+        timeout=httpx.Timeout(10.0, read=600.0),
+    )
+
+
+def _report(response: httpx.Response) -> int:
+    if response.status_code >= 400:
+        try:
+            error = response.json()["error"]
+            print(f"error {response.status_code}: {error['message']}", file=sys.stderr)
+        except (ValueError, KeyError, TypeError):
+            print(f"error {response.status_code}: {response.text[:500]}", file=sys.stderr)
+        return 1
+    if response.content:
+        print(json.dumps(response.json(), indent=2))
+    return 0
+
+
+def _add(args: argparse.Namespace) -> int:
+    fields: dict[str, Any] = {
+        "name": args.name,
+        "description": args.description,
+        "examples": args.examples,
+        "replace": args.replace,
+    }
+    if args.threshold is not None:
+        fields["threshold"] = args.threshold
+    with _client() as client:
+        if args.server_path:
+            return _report(client.post("/admin/adapters", json={**fields, "path": args.source}))
+        directory = Path(args.source)
+        form = {
+            k: json.dumps(v) if isinstance(v, list) else str(v).lower() if isinstance(v, bool) else str(v)
+            for k, v in fields.items()
+        }
+        with (
+            (directory / "adapter_config.json").open("rb") as config,
+            (directory / "adapter_model.safetensors").open("rb") as weights,
+        ):
+            files = {
+                "adapter_config": ("adapter_config.json", config, "application/json"),
+                "adapter_model": ("adapter_model.safetensors", weights, "application/octet-stream"),
+            }
+            return _report(client.post("/admin/adapters", data=form, files=files))
+
+
+def _list(args: argparse.Namespace) -> int:
+    with _client() as client:
+        return _report(client.get("/admin/adapters"))
+
+
+def _show(args: argparse.Namespace) -> int:
+    with _client() as client:
+        return _report(client.get(f"/admin/adapters/{args.name}"))
+
+
+def _remove(args: argparse.Namespace) -> int:
+    with _client() as client:
+        return _report(client.delete(f"/admin/adapters/{args.name}"))
