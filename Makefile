@@ -36,6 +36,7 @@ test-fast: setup
 
 bench: setup
 	$(BIN)/python -m bench.gateway_overhead
+	$(BIN)/python -m bench.adapters
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

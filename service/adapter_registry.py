@@ -81,6 +81,11 @@ class AdapterRegistry:
                 retry_after_s=self._retry_after_s,
             )
 
+    @property
+    def reconciled(self) -> bool:
+        """The engine's adapters equal the store's since its last (re)start."""
+        return self._reconciled.is_set()
+
     async def wait_reconciled(self) -> None:
         await self._reconciled.wait()
 

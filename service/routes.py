@@ -9,6 +9,7 @@ from fastapi.responses import JSONResponse, Response
 from sse_starlette import EventSourceResponse
 from starlette.types import Receive, Scope, Send
 
+from service.adapter_registry import AdapterRegistry
 from service.catalog import ModelCatalog
 from service.chat import ChatService, ChatStream
 from service.errors import APIError, EngineUnavailableError
@@ -87,7 +88,8 @@ async def health() -> dict[str, str]:
 
 @router.get("/ready")
 async def ready(request: Request, catalog: CatalogDep) -> JSONResponse:
-    """The engine answers and serves its model: 200, else 503 with Retry-After."""
+    """The engine answers, serves its model and has every registered adapter loaded: 200,
+    else 503 with Retry-After."""
     settings: Settings = request.app.state.settings
     try:
         cards = await catalog.refresh()
@@ -98,6 +100,11 @@ async def ready(request: Request, catalog: CatalogDep) -> JSONResponse:
     if catalog.base_model is None:
         raise EngineUnavailableError(
             "The model engine serves no model yet.", retry_after_s=settings.retry_after_s
+        )
+    adapters: AdapterRegistry = request.app.state.adapters
+    if not adapters.reconciled:
+        raise EngineUnavailableError(
+            "The engine is loading the registered adapters.", retry_after_s=settings.retry_after_s
         )
     return JSONResponse({"status": "ready", "model": catalog.base_model, "models": len(cards)})
 

@@ -252,7 +252,7 @@ async def test_wrong_method_is_405_envelope(
 ) -> None:
     response = await client.request(method, path)
     assert_error(response, 405, param=None)
-    assert response.headers["allow"] == allow
+    assert set(response.headers["allow"].split(", ")) == set(allow.split(", "))
 
 
 @pytest.mark.parametrize(
