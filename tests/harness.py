@@ -148,17 +148,20 @@ def running_service(data_dir: Path, **settings: str) -> Iterator[RunningService]
         raise ServiceError(
             f"{exc}\n--- gateway log\n{_tail(gateway_log)}\n--- engine log\n{_tail(running.log_file)}"
         ) from exc
+    first_engine = running.engine_processes()
     yield running
-    engine = running.engine_processes()
-    process.send_signal(signal.SIGTERM)
+    # However the gateway ended (SIGTERM here, or a test's SIGKILL), its engine must end too.
+    engine = {p.pid: p for p in [*first_engine, *running.engine_processes()]}
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
     try:
         process.wait(timeout=60)
     except subprocess.TimeoutExpired as exc:
         process.kill()
         raise ServiceError("the gateway did not stop within 60 s of SIGTERM") from exc
-    _, alive = psutil.wait_procs(engine, timeout=10)
+    _, alive = psutil.wait_procs(list(engine.values()), timeout=10)
     orphans = [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]
-    if not engine:
+    if not first_engine:
         raise ServiceError("no engine process was found while the service ran")
     if orphans:
-        raise ServiceError(f"engine processes left behind after shutdown: {orphans}")
+        raise ServiceError(f"engine processes left behind after the gateway ended: {orphans}")
