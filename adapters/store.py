@@ -138,6 +138,18 @@ class AdapterStore:
         self._prune(name, keep={version.name, Path(previous or "").name})
         return AdapterRecord(manifest, version)
 
+    def revert(self, name: str, to: AdapterRecord) -> None:
+        """Point ``name`` back at an earlier version still on disk (one atomic rename), and drop
+        the others: a replacement the engine refused must not stay the stored truth."""
+        version = to.path
+        if version.parent != self._versions or not version.is_dir():
+            raise AdapterStoreError(f"version {version.name} of {name!r} is no longer on disk")
+        staged = self.root / f"{TMP_PREFIX}{uuid.uuid4().hex}"
+        os.symlink(f"{VERSIONS_DIR}/{version.name}", staged)
+        os.replace(staged, self.root / name)
+        fsync_dir(self.root)
+        self._prune(name, keep={version.name})
+
     def delete(self, name: str) -> bool:
         """Remove the adapter and its versions; False when there was none."""
         link = self.root / name

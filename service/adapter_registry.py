@@ -125,27 +125,31 @@ class AdapterRegistry:
         # names the served id, whichever alias it was made with.
         config = rebase_config(source.config_bytes, base.served_id)
         async with self._locks[name]:
-            existed = self._store.get(name) is not None
-            if existed and not registration.replace:
+            previous = self._store.get(name)
+            if previous is not None and not registration.replace:
                 raise ConflictError(
-                    f"An adapter named '{name}' exists; pass replace=true to swap it.", param="name"
+                    f"An adapter named '{name}' exists; pass replace=true to swap it.",
+                    param="name",
+                    code="adapter_exists",
                 )
             try:
                 record = await asyncio.to_thread(
-                    self._store.put, name, config, source.weights_path, manifest, replace=existed
+                    self._store.put, name, config, source.weights_path, manifest, replace=previous is not None
                 )
             except AdapterExistsError as exc:  # another gateway on shared storage won the race
-                raise ConflictError(str(exc), param="name") from exc
+                raise ConflictError(str(exc), param="name", code="adapter_exists") from exc
             try:
                 await self._engine.load_adapter(name, str(record.path), replace=name in self._loaded)
             except APIError:
-                if not existed:
-                    # Nothing acknowledged yet: leave no trace of an adapter the engine refused.
+                # Not acknowledged, so not kept: the store goes back to what the engine serves.
+                if previous is None:
                     await asyncio.to_thread(self._store.delete, name)
+                else:
+                    await asyncio.to_thread(self._store.revert, name, previous)
                 raise
             self._loaded.add(name)
             self._names = self._names | {name}
-            logger.info("adapter %s %s (rank %d)", name, "replaced" if existed else "registered", spec.rank)
+            logger.info("adapter %s %s (rank %d)", name, "replaced" if previous else "registered", spec.rank)
             return record
 
     async def delete(self, name: str) -> None:
@@ -160,24 +164,29 @@ class AdapterRegistry:
             logger.info("adapter %s deleted", name)
 
     async def reconcile(self) -> None:
-        """Make the engine's adapters equal to the store's: load the missing, unload the rest."""
+        """Make the engine's adapters equal to the store's: load the missing, reload those it
+        holds from another version, unload the rest. Registrations and deletions may run
+        meanwhile: each name is handled under its lock against the store as it is then."""
         cards = await self._engine.list_models()
-        in_engine = {card.id for card in cards if card.parent is not None}
-        records = {record.name: record for record in await asyncio.to_thread(self._store.list)}
-        for name in sorted(in_engine - set(records)):
-            await self._engine.unload_adapter(name)
-        loaded = set(in_engine & set(records))
-        for name in sorted(set(records) - in_engine):
+        in_engine = {card.id: card.root for card in cards if card.parent is not None}
+        stored = {record.name for record in await asyncio.to_thread(self._store.list)}
+        for name in sorted(set(in_engine) | stored):
             async with self._locks[name]:
+                record = await asyncio.to_thread(self._store.get, name)
                 try:
-                    await self._engine.load_adapter(name, str(records[name].path), replace=False)
-                    loaded.add(name)
+                    if record is None:
+                        self._loaded.discard(name)
+                        await self._engine.unload_adapter(name)
+                    elif in_engine.get(name, "") != str(record.path):
+                        await self._engine.load_adapter(name, str(record.path), replace=name in in_engine)
+                        self._loaded.add(name)
+                    else:
+                        self._loaded.add(name)
                 except APIError as exc:
-                    logger.error("adapter %s could not be loaded: %s", name, exc.message)
-        self._names = frozenset(records)
-        self._loaded = loaded
+                    logger.error("adapter %s could not be reconciled: %s", name, exc.message)
+        self._names = frozenset(record.name for record in await asyncio.to_thread(self._store.list))
         self._reconciled.set()
-        logger.info("engine reconciled with the store: %d adapters loaded", len(loaded))
+        logger.info("engine reconciled with the store: %d adapters loaded", len(self._loaded))
 
     def _require_base(self) -> BaseModelInfo:
         base = self._base_model()

@@ -36,10 +36,13 @@ async def require_admin(request: Request) -> None:
     scheme, _, given = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not given:
         raise AuthenticationError(
-            "The admin API needs 'Authorization: Bearer <HYBRID_ADMIN_TOKEN>'.", code="missing_admin_token"
+            "The admin API needs 'Authorization: Bearer <HYBRID_ADMIN_TOKEN>'.",
+            code="missing_admin_token",
+            headers={"WWW-Authenticate": "Bearer"},
         )
     expected = settings.admin_token.get_secret_value().encode()
-    if not hmac.compare_digest(given.encode("utf-8", "surrogateescape"), expected):
+    # Header bytes arrive decoded as latin-1: encode them back the same way to compare bytes.
+    if not hmac.compare_digest(given.encode("latin-1"), expected):
         raise PermissionDeniedError("The admin token is not valid.", code="invalid_admin_token")
 
 

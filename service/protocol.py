@@ -231,9 +231,11 @@ class ModelCard(_Wire):
     object: Literal["model"] = "model"
     created: int
     owned_by: str
-    # vLLM's extensions, kept because clients of vLLM read them (not `root`: a path on the
-    # engine's disk)
+    # vLLM's extensions, kept because clients of vLLM read them
     parent: str | None = None
+    # Where the engine loaded a model or adapter from: read by the gateway (to see which
+    # adapter version the engine holds), never sent to clients (a path on the engine's disk).
+    root: str | None = Field(default=None, exclude=True)
     max_model_len: int | None = None
 
 

@@ -3,9 +3,12 @@ it over a real socket (only for error paths and wire details; e2e tests use the 
 
 Tests ``enqueue()`` what the engine answers to the next chat requests (a completion, an error
 status, an SSE stream that may fail part-way, a dropped or stalled connection); ``GET
-/v1/models`` is always served from :attr:`FakeEngine.models`. Every request is recorded, so a
-test can assert what did (or did not) reach the engine. Bodies mirror vLLM's real ones, nulls
-and extra fields included.
+/v1/models`` is served from :attr:`FakeEngine.models` followed by the loaded LoRA adapters.
+``/v1/load_lora_adapter`` and ``/v1/unload_lora_adapter`` keep :attr:`FakeEngine.loras` as
+vLLM keeps its adapters (same checks, same messages); a test may pre-load adapters there, or
+script the next load's failure with :attr:`FakeEngine.fail_next_load`. Every request is
+recorded, so a test can assert what did (or did not) reach the engine. Bodies mirror vLLM's
+real ones, nulls and extra fields included.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ MAX_MODEL_LEN = 2048
 CREATED = 1_700_000_000
 CHAT_PATH = "/v1/chat/completions"
 MODELS_PATH = "/v1/models"
+LOAD_LORA_PATH = "/v1/load_lora_adapter"
+UNLOAD_LORA_PATH = "/v1/unload_lora_adapter"
 
 
 # ---------------------------------------------------------------------------- vLLM's bodies
@@ -55,6 +60,20 @@ def model_card(model_id: str = BASE_MODEL, *, parent: str | None = None) -> dict
                 "is_blocking": False,
             }
         ],
+    }
+
+
+def lora_card(name: str, path: str, *, parent: str | None) -> dict[str, Any]:
+    """A loaded LoRA adapter in vLLM's ``/v1/models``: its path as ``root``, the base as ``parent``."""
+    return {
+        "id": name,
+        "object": "model",
+        "created": CREATED,
+        "owned_by": "vllm",
+        "root": path,
+        "parent": parent,
+        "max_model_len": None,
+        "permission": model_card(name)["permission"],
     }
 
 
@@ -250,6 +269,16 @@ class FakeEngine:
 
     models: list[dict[str, Any]] = field(default_factory=lambda: [model_card()])
     models_error: Drop | Stall | None = None
+    loras: dict[str, str] = field(default_factory=dict)
+    """Loaded LoRA adapters, name -> path, as vLLM's ``lora_requests``."""
+    fail_next_load: tuple[int, str] | None = None
+    """(status, message): the next load that passes vLLM's checks fails in the engine instead."""
+    load_delay_s: float = 0.0
+    """How long a load takes (vLLM reads the weights from disk meanwhile)."""
+    peak_concurrent_loads: int = field(default=0, init=False)
+    load_started: asyncio.Event = field(default_factory=asyncio.Event, init=False, repr=False)
+    """Set once a load has passed vLLM's checks (a test can act while loads are in flight)."""
+    _loads_in_flight: int = field(default=0, init=False, repr=False)
     requests: list[RecordedRequest] = field(default_factory=list, init=False)
     streams: list[StreamRecord] = field(default_factory=list, init=False, repr=False)
     unexpected: int = field(default=0, init=False)
@@ -298,6 +327,19 @@ class FakeEngine:
         return [r for r in self.requests if r.method == "POST" and r.path == CHAT_PATH]
 
     @property
+    def load_requests(self) -> list[dict[str, Any]]:
+        """The bodies of every load request, refused ones included."""
+        return [r.body for r in self.requests if r.method == "POST" and r.path == LOAD_LORA_PATH]
+
+    @property
+    def unload_requests(self) -> list[dict[str, Any]]:
+        return [r.body for r in self.requests if r.method == "POST" and r.path == UNLOAD_LORA_PATH]
+
+    @property
+    def base_model_id(self) -> str | None:
+        return next((card["id"] for card in self.models if card.get("parent") is None), None)
+
+    @property
     def last_chat_body(self) -> dict[str, Any]:
         assert self.chat_requests, "no chat request reached the engine"
         body: dict[str, Any] = self.chat_requests[-1].body
@@ -326,13 +368,53 @@ class FakeEngine:
         if request.method == "GET" and request.path == MODELS_PATH:
             if self.models_error is not None:
                 return await _fail(request, self.models_error)
-            return web.json_response({"object": "list", "data": self.models})
+            loras = [lora_card(n, p, parent=self.base_model_id) for n, p in self.loras.items()]
+            return web.json_response({"object": "list", "data": [*self.models, *loras]})
+        if request.method == "POST" and request.path == LOAD_LORA_PATH:
+            return await self._load_lora(body if isinstance(body, dict) else {})
+        if request.method == "POST" and request.path == UNLOAD_LORA_PATH:
+            return self._unload_lora(body if isinstance(body, dict) else {})
         if request.method == "POST" and request.path == CHAT_PATH:
             if not self._replies:
                 self.unexpected += 1
                 return web.json_response({"error": "no reply enqueued"}, status=599)
             return await self._reply(request, self._replies.popleft())
         return web.json_response(error_body("Not Found", status=404, error_type="NotFoundError"), status=404)
+
+    async def _load_lora(self, body: dict[str, Any]) -> web.Response:
+        """vLLM's ``OpenAIServingModels.load_lora_adapter``: its checks, then the engine's load."""
+        name, path = body.get("lora_name"), body.get("lora_path")
+        if not name or not path:
+            return _invalid_input("Both 'lora_name' and 'lora_path' must be provided.")
+        if any(card["id"] == name for card in self.models if card.get("parent") is None):
+            return _invalid_input(f"The lora adapter '{name}' conflicts with a served base model.")
+        if not body.get("load_inplace", False) and name in self.loras:
+            return _invalid_input(
+                f"The lora adapter '{name}' has already been loaded. If you want to load the "
+                "adapter in place, set 'load_inplace' to True."
+            )
+        self.load_started.set()
+        self._loads_in_flight += 1
+        self.peak_concurrent_loads = max(self.peak_concurrent_loads, self._loads_in_flight)
+        try:
+            await asyncio.sleep(self.load_delay_s)
+        finally:
+            self._loads_in_flight -= 1
+        if self.fail_next_load is not None:
+            (status, message), self.fail_next_load = self.fail_next_load, None
+            kind = {400: "BadRequestError", 404: "NotFoundError"}.get(status, "InternalServerError")
+            return web.json_response(error_body(message, status=status, error_type=kind), status=status)
+        self.loras[name] = path
+        return web.Response(text=f"Success: LoRA adapter '{name}' added successfully.")
+
+    def _unload_lora(self, body: dict[str, Any]) -> web.Response:
+        name = body.get("lora_name")
+        if not name:
+            return _invalid_input("'lora_name' needs to be provided to unload a LoRA adapter.")
+        if self.loras.pop(name, None) is None:
+            message = f"The lora adapter '{name}' cannot be found."
+            return web.json_response(error_body(message, status=404, error_type="NotFoundError"), status=404)
+        return web.Response(text=f"Success: LoRA adapter '{name}' removed successfully.")
 
     async def _reply(self, request: web.Request, reply: Reply) -> web.StreamResponse:
         if isinstance(reply, RaiseReply):
@@ -357,6 +439,10 @@ class FakeEngine:
             await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
         return response
+
+
+def _invalid_input(message: str) -> web.Response:
+    return web.json_response(error_body(message, status=400, error_type="InvalidUserInput"), status=400)
 
 
 async def _fail(
