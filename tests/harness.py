@@ -159,7 +159,7 @@ def running_service(data_dir: Path, **settings: str) -> Iterator[RunningService]
     except subprocess.TimeoutExpired as exc:
         process.kill()
         raise ServiceError("the gateway did not stop within 60 s of SIGTERM") from exc
-    _, alive = psutil.wait_procs(list(engine.values()), timeout=10)
+    _, alive = psutil.wait_procs(list(engine.values()), timeout=30)
     orphans = [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]
     if not first_engine:
         raise ServiceError("no engine process was found while the service ran")
