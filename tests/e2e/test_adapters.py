@@ -167,3 +167,24 @@ def test_the_cli_drives_the_admin_api(service: RunningService, lora_adapter: Pat
     missing = cli("show", "from-cli")
     assert missing.returncode == 1
     assert "404" in missing.stderr
+
+
+def test_a_stream_in_flight_survives_a_replacement(
+    service: RunningService, lora_adapter: Path, other_lora_adapter: Path
+) -> None:
+    body = {"model": "swapped", "messages": PROMPT, "max_tokens": 200, "stream": True, "temperature": 0.8}
+    with service.admin() as admin:
+        assert upload(admin, "swapped", lora_adapter).status_code == 201
+        payloads: list[str] = []
+        with httpx.stream("POST", f"{service.url}/v1/chat/completions", json=body, timeout=120) as response:
+            lines = response.iter_lines()
+            for line in lines:
+                if line.startswith("data: "):
+                    payloads.append(line[6:])
+                    break
+            assert upload(admin, "swapped", other_lora_adapter, replace=True).status_code == 201
+            payloads += [line[6:] for line in lines if line.startswith("data: ")]
+        assert admin.delete("/admin/adapters/swapped").status_code == 204
+    assert payloads[-1] == "[DONE]"
+    assert not [p for p in payloads[:-1] if "error" in json.loads(p)], "the stream failed mid-way"
+    assert len(payloads) > 3
