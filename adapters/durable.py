@@ -17,6 +17,15 @@ SCRATCH_PREFIX = ".tmp-"
 _BLOCK = 1 << 20
 
 
+def sha256_file(path: Path) -> str:
+    """The hex SHA-256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def write_file_durably(path: Path, data: bytes) -> None:
     """Create ``path`` with ``data`` and fsync it (the caller fsyncs the directory)."""
     with path.open("xb") as handle:

@@ -9,7 +9,6 @@ torch, no engine.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import re
 from collections.abc import Mapping
@@ -17,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from adapters.config import LoraSettings, parse_lora_config
+from adapters.durable import sha256_file
 from adapters.errors import AdapterValidationError
 from adapters.safetensors_header import SafetensorsHeaderError, TensorInfo, read_header
 
@@ -109,7 +109,7 @@ def validate_adapter(
             )
     tensors = _read_weights(weights_path)
     modules = _check_tensors(tensors, lora, base)
-    return AdapterSpec(lora.rank, lora.alpha, modules, lora.base_model, _sha256(weights_path))
+    return AdapterSpec(lora.rank, lora.alpha, modules, lora.base_model, sha256_file(weights_path))
 
 
 def _refuse_pickle_name(path: Path) -> None:
@@ -211,14 +211,6 @@ def _check_module(
             f"{expected[1]} -> {expected[0]}: the adapter was trained on another model",
             "weights",
         )
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def validate_name(name: str, *, reserved: set[str]) -> str:

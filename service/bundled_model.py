@@ -7,7 +7,6 @@ only network access is ``pip download`` from the package registry.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -18,6 +17,8 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from adapters.durable import sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -128,16 +129,8 @@ def _files(directory: Path) -> list[Path]:
     return sorted(p for p in directory.iterdir() if p.is_file() and p.name != CHECKSUM_FILE)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _write_checksums(directory: Path) -> None:
-    sums = {p.name: _sha256(p) for p in _files(directory)}
+    sums = {p.name: sha256_file(p) for p in _files(directory)}
     payload = {"format": _FORMAT_VERSION, "files": sums}
     (directory / CHECKSUM_FILE).write_text(json.dumps(payload, indent=2, sort_keys=True))
 
@@ -159,4 +152,4 @@ def _verify(directory: Path) -> bool:
         return False
     if set(expected) != {p.name for p in _files(directory)}:
         return False
-    return all(_sha256(directory / name) == digest for name, digest in expected.items())
+    return all(sha256_file(directory / name) == digest for name, digest in expected.items())

@@ -26,7 +26,7 @@ from service.app import build_app
 from service.bundled_model import HF_ID, SERVED_NAME
 from service.settings import Settings
 from tests.adapter_factory import bundled_model_dir, make_lora_adapter
-from tests.api.conftest import GATEWAY_URL, make_settings
+from tests.api.conftest import GATEWAY_URL, assert_error, make_settings
 from tests.fakes import FakeEngine, model_card
 
 TOKEN = "admin-secret"
@@ -180,22 +180,8 @@ def store_adapter(store: AdapterStore, name: str, adapter: Path, base_dir: Path)
 def assert_admin_error(
     response: httpx.Response, status: int, *, param: str | None, code: str | None
 ) -> dict[str, Any]:
-    """``status`` with exactly the one error envelope; returns the inner error."""
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"].startswith("application/json")
-    body = response.json()
-    assert isinstance(body, dict)
-    assert set(body) == {"error"}, body
-    error = body["error"]
-    assert isinstance(error, dict)
-    assert set(error) == {"message", "type", "param", "code"}, error
-    assert isinstance(error["message"], str)
-    assert error["message"]
-    default_type = "invalid_request_error" if status < 500 else "server_error"
-    assert error["type"] == _ERROR_TYPES.get(status, default_type), error
-    assert error["param"] == param, error
-    assert error["code"] == code, error
-    return error
+    """``status`` with exactly the one error envelope (401 and 403 have their own types)."""
+    return assert_error(response, status, param=param, code=code, error_type=_ERROR_TYPES.get(status))
 
 
 async def assert_nothing_registered(client: httpx.AsyncClient, engine: FakeEngine, store_dir: Path) -> None:

@@ -72,15 +72,23 @@ def chat_body(**fields: Any) -> dict[str, Any]:
 
 
 def assert_error(
-    response: httpx.Response, status: int, *, param: str | None, code: str | None = None
+    response: httpx.Response,
+    status: int,
+    *,
+    param: str | None,
+    code: str | None = None,
+    error_type: str | None = None,
 ) -> dict[str, Any]:
     """The response is ``status`` with exactly OpenAI's envelope; returns the inner error."""
     assert response.status_code == status, response.text
     assert response.headers["content-type"].startswith("application/json")
-    return assert_envelope(response.json(), param=param, code=code, status=status)
+    return assert_envelope(response.json(), param=param, code=code, status=status, error_type=error_type)
 
 
-def assert_envelope(body: Any, *, param: str | None, code: str | None, status: int) -> dict[str, Any]:
+def assert_envelope(
+    body: Any, *, param: str | None, code: str | None, status: int, error_type: str | None = None
+) -> dict[str, Any]:
+    """``error_type`` defaults to the type of most statuses: invalid_request_error below 500."""
     assert isinstance(body, dict)
     assert set(body) == {"error"}, body
     error = body["error"]
@@ -88,7 +96,7 @@ def assert_envelope(body: Any, *, param: str | None, code: str | None, status: i
     assert set(error) == {"message", "type", "param", "code"}, error
     assert isinstance(error["message"], str)
     assert error["message"]
-    expected_type = "invalid_request_error" if status < 500 else "server_error"
+    expected_type = error_type or ("invalid_request_error" if status < 500 else "server_error")
     assert error["type"] == expected_type, error
     assert error["param"] == param, error
     assert error["code"] == code, error
