@@ -1,15 +1,14 @@
 """Starts and supervises a local vLLM OpenAI server when no external engine is configured.
 
 The engine runs in its own process group (vLLM forks workers), logs to a file, is restarted
-with backoff when it dies, and is stopped with its whole group on shutdown. Linux's
-parent-death signal stops it even if the gateway itself is killed.
+with backoff when it dies, and is stopped with its whole group on shutdown. It runs under
+``service.engine_guard``, which stops the whole group even if the gateway itself is killed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import logging
 import os
 import signal
@@ -24,7 +23,6 @@ from service.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-_PR_SET_PDEATHSIG = 1
 _STOP_GRACE_S = 15.0
 _MAX_BACKOFF_S = 30.0
 
@@ -169,13 +167,18 @@ class EngineSupervisor:
             log.write(f"\n==== hybrid-serve: starting {' '.join(self._command)}\n".encode())
             log.flush()
             self._process = await asyncio.create_subprocess_exec(
+                # The guard takes the engine's whole process group down with it, even when
+                # the gateway dies by SIGKILL (see service/engine_guard.py).
+                sys.executable,
+                "-m",
+                "service.engine_guard",
+                "--",
                 *self._command,
                 env=self._env,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=log,
                 stderr=asyncio.subprocess.STDOUT,
                 start_new_session=True,
-                preexec_fn=_die_with_parent,
             )
         logger.info("engine started (pid %s), log: %s", self._process.pid, self._log_file)
         try:
@@ -230,10 +233,3 @@ class EngineSupervisor:
 def _signal_group(pgid: int, sig: signal.Signals) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, sig)
-
-
-def _die_with_parent() -> None:
-    """Runs in the child before exec: ask Linux to SIGTERM it when the gateway dies."""
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)

@@ -3,6 +3,7 @@ subprocess, which starts and supervises a real vLLM engine on the bundled model.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -149,19 +150,39 @@ def running_service(data_dir: Path, **settings: str) -> Iterator[RunningService]
             f"{exc}\n--- gateway log\n{_tail(gateway_log)}\n--- engine log\n{_tail(running.log_file)}"
         ) from exc
     first_engine = running.engine_processes()
-    yield running
-    # However the gateway ended (SIGTERM here, or a test's SIGKILL), its engine must end too.
-    engine = {p.pid: p for p in [*first_engine, *running.engine_processes()]}
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
     try:
-        process.wait(timeout=60)
-    except subprocess.TimeoutExpired as exc:
-        process.kill()
-        raise ServiceError("the gateway did not stop within 60 s of SIGTERM") from exc
-    _, alive = psutil.wait_procs(list(engine.values()), timeout=30)
-    orphans = [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]
+        yield running
+    except BaseException:
+        # The body failed: stop everything, then let its error be the one reported.
+        _stop(process, [*first_engine, *running.engine_processes()])
+        raise
+    # However the gateway ended (SIGTERM here, or a test's SIGKILL), its engine must end too.
+    orphans, drained = _stop(process, [*first_engine, *running.engine_processes()])
+    if not drained:
+        raise ServiceError("the gateway did not stop within 60 s of SIGTERM")
     if not first_engine:
         raise ServiceError("no engine process was found while the service ran")
     if orphans:
         raise ServiceError(f"engine processes left behind after the gateway ended: {orphans}")
+
+
+def _stop(
+    process: subprocess.Popen[bytes], engine: list[psutil.Process]
+) -> tuple[list[psutil.Process], bool]:
+    """SIGTERM the gateway (SIGKILL after 60 s); return the engine processes that outlived it by
+    30 s (killed then, so that nothing leaks past a run) and whether it stopped in time."""
+    drained = True
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        drained = False
+        process.kill()
+        process.wait()
+    _, alive = psutil.wait_procs({p.pid: p for p in engine}.values(), timeout=30)
+    orphans = [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]
+    for orphan in orphans:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            orphan.kill()
+    return orphans, drained
