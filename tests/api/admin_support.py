@@ -25,7 +25,6 @@ from adapters.validation import BaseModelInfo, validate_adapter
 from service.app import build_app
 from service.bundled_model import HF_ID, SERVED_NAME
 from service.settings import Settings
-from tests.adapter_factory import bundled_model_dir, make_lora_adapter
 from tests.api.conftest import GATEWAY_URL, assert_error, make_settings
 from tests.fakes import FakeEngine, model_card
 
@@ -57,28 +56,9 @@ def admin_settings(*, base_dir: Path, import_dir: Path | None, **overrides: Any)
 
 
 @pytest.fixture(scope="session", name="base_dir")
-def base_dir_fixture() -> Path:
-    path = bundled_model_dir()
-    if not (path / "model.safetensors").is_file():
-        pytest.fail(f"the bundled model is missing at {path}: run `make model`")
-    return path
-
-
-@pytest.fixture(scope="session", name="lora_adapter")
-def lora_adapter_fixture(tmp_path_factory: pytest.TempPathFactory, base_dir: Path) -> Path:
-    """A real rank-8 adapter on q_proj and v_proj (shared: copy it to alter it)."""
-    return make_lora_adapter(tmp_path_factory.mktemp("admin-lora") / "adapter", base_dir=base_dir)
-
-
-@pytest.fixture(scope="session", name="other_lora_adapter")
-def other_lora_adapter_fixture(tmp_path_factory: pytest.TempPathFactory, base_dir: Path) -> Path:
-    """Another real adapter: other seed, other modules, so other weights and another sha256."""
-    return make_lora_adapter(
-        tmp_path_factory.mktemp("admin-lora-other") / "adapter",
-        base_dir=base_dir,
-        target_modules=("q_proj", "k_proj", "v_proj", "o_proj"),
-        seed=1,
-    )
+def base_dir_fixture(bundled_base_dir: Path) -> Path:
+    """The admin tests' name for the bundled base model (tests/conftest.py provides it)."""
+    return bundled_base_dir
 
 
 @pytest.fixture(name="import_dir")

@@ -20,7 +20,6 @@ from tests.api.admin_support import (  # noqa: F401 (fixtures, under their pytes
     base_dir_fixture,
     engine_fixture,
     import_dir_fixture,
-    lora_adapter_fixture,
     running_gateway,
     settings_fixture,
     store_dir_fixture,

@@ -22,8 +22,6 @@ from tests.api.admin_support import (  # noqa: F401 (fixtures, under their pytes
     base_dir_fixture,
     engine_fixture,
     import_dir_fixture,
-    lora_adapter_fixture,
-    other_lora_adapter_fixture,
     settings_fixture,
     store_dir_fixture,
     store_entries,

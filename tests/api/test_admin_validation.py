@@ -24,7 +24,6 @@ from tests.api.admin_support import (  # noqa: F401 (fixtures, under their pytes
     edited_config,
     engine_fixture,
     import_dir_fixture,
-    lora_adapter_fixture,
     settings_fixture,
     store_dir_fixture,
     upload,

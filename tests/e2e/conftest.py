@@ -6,10 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.adapter_factory import bundled_base_dir, lora_adapter, other_lora_adapter
 from tests.harness import ADMIN_TOKEN, MAX_MODEL_LEN, RunningService, ServiceError, running_service
-
-__all__ = ["bundled_base_dir", "lora_adapter", "other_lora_adapter", "service"]
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""Fixtures shared by the unit tests: the real PEFT adapters of ``tests/adapter_factory.py``."""
+"""Fixtures shared by every test tier: the real PEFT adapters of ``tests/adapter_factory.py``."""
 
 from tests.adapter_factory import bundled_base_dir, lora_adapter, other_lora_adapter
 
