@@ -23,7 +23,9 @@ LONG = {
 }
 
 
-async def _open_and_abandon(client: httpx.AsyncClient, url: str, started: asyncio.Event) -> None:
+async def _open_and_abandon(
+    client: httpx.AsyncClient, url: str, started: asyncio.Event, leave: asyncio.Event
+) -> None:
     async with client.stream("POST", url, json=LONG) as response:
         assert response.status_code == 200
         received = 0
@@ -32,7 +34,9 @@ async def _open_and_abandon(client: httpx.AsyncClient, url: str, started: asynci
                 received += 1
                 if received == 3:
                     started.set()
-                    await asyncio.sleep(0.5)  # keep the stream open while the test looks
+                    # Stay connected until the test has seen the engine generating: a fixed
+                    # sleep raced the metrics scrape on a loaded machine.
+                    await leave.wait()
                     return  # leaving the block closes the connection mid-stream
 
 
@@ -41,11 +45,15 @@ async def test_abandoned_streams_are_aborted_in_the_engine(service: RunningServi
     url = f"{service.url}/v1/chat/completions"
     async with httpx.AsyncClient(timeout=120) as client:
         events = [asyncio.Event() for _ in range(STREAMS)]
-        tasks = [asyncio.create_task(_open_and_abandon(client, url, e)) for e in events]
-        await asyncio.wait_for(asyncio.gather(*(e.wait() for e in events)), timeout=120)
-        running = await asyncio.to_thread(service.engine_metric, "vllm:num_requests_running")
-        assert running >= 1, "the streams should be generating when the clients leave"
-        await asyncio.gather(*tasks)
+        leave = asyncio.Event()
+        tasks = [asyncio.create_task(_open_and_abandon(client, url, e, leave)) for e in events]
+        try:
+            await asyncio.wait_for(asyncio.gather(*(e.wait() for e in events)), timeout=120)
+            running = await asyncio.to_thread(service.engine_metric, "vllm:num_requests_running")
+            assert running >= 1, "the streams should be generating when the clients leave"
+        finally:
+            leave.set()
+            await asyncio.gather(*tasks)
 
     deadline = time.monotonic() + 10
     running = -1.0
