@@ -17,12 +17,15 @@ from adapters.validation import BaseModelInfo
 from service import __version__
 from service.adapter_registry import AdapterRegistry
 from service.admin import router as admin_router
+from service.admin_collections import router as collections_router
+from service.augment import Augmenter
 from service.bundled_model import HF_ID, SERVED_NAME, ensure_bundled_model
 from service.catalog import ModelCatalog
 from service.chat import ChatService
 from service.engine import VLLMEngine, engine_session
 from service.error_handlers import install_error_handlers
 from service.errors import APIError
+from service.knowledge import Knowledge
 from service.launcher import EngineSupervisor, vllm_command, vllm_environment
 from service.limits import RequestLimits
 from service.metrics import Metrics
@@ -48,6 +51,7 @@ def build_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(router)
     if settings.admin_token is not None:
         app.include_router(admin_router)
+        app.include_router(collections_router)
     install_error_handlers(app, metrics)
     routes = frozenset(getattr(route, "path", "") for route in app.routes)
     # Added last = outermost: every response, a 413 from the size limit included, gets a
@@ -56,7 +60,11 @@ def build_app(settings: Settings | None = None) -> FastAPI:
         BodySizeLimit,
         max_bytes=settings.max_body_bytes,
         metrics=metrics,
-        larger={"/admin/": settings.max_upload_bytes},
+        # First match wins: documents have their own (smaller) limit than adapter uploads.
+        larger={
+            "/admin/collections/": settings.max_document_upload_bytes,
+            "/admin/": settings.max_upload_bytes,
+        },
     )
     app.add_middleware(RequestContext, metrics=metrics, routes=routes)
     return app
@@ -85,7 +93,6 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     )
     app.state.catalog = catalog
     app.state.adapters = registry
-    app.state.chat = ChatService(engine, catalog, RequestLimits.from_settings(settings), metrics, registry)
     supervisor: EngineSupervisor | None = None
     background: asyncio.Task[None] | None = None
     if model_dir is not None:
@@ -110,6 +117,16 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         background = asyncio.create_task(_reconcile_when_reachable(catalog, registry, settings.retry_after_s))
     app.state.supervisor = supervisor
     try:
+        # Loading the embedder and opening the index take seconds: the engine is already
+        # starting meanwhile.
+        knowledge = await asyncio.to_thread(Knowledge.from_settings, settings)
+        app.state.knowledge = knowledge
+        augmenter = Augmenter(
+            knowledge, engine, top_k=settings.rag_top_k, answer_tokens=settings.rag_answer_tokens
+        )
+        app.state.chat = ChatService(
+            engine, catalog, RequestLimits.from_settings(settings), metrics, registry, augmenter
+        )
         yield
     finally:
         if background is not None:

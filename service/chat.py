@@ -6,16 +6,18 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import AsyncIterator
+from typing import Any
 
 from pydantic import ValidationError
 
 from service.adapter_registry import AdapterRegistry
+from service.augment import Augmenter
 from service.catalog import ModelCatalog
 from service.engine import Engine, EngineStream
 from service.errors import APIError, NotFoundError, UpstreamError
 from service.limits import RequestLimits
 from service.metrics import Metrics
-from service.protocol import ChatCompletion, ChatCompletionChunk, ChatCompletionRequest
+from service.protocol import ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, RagRoute, Route
 
 logger = logging.getLogger(__name__)
 
@@ -30,37 +32,46 @@ class ChatService:
         limits: RequestLimits,
         metrics: Metrics,
         adapters: AdapterRegistry | None = None,
+        augmenter: Augmenter | None = None,
     ) -> None:
         self._engine = engine
         self._catalog = catalog
         self._limits = limits
         self._metrics = metrics
         self._adapters = adapters
+        self._augmenter = augmenter
 
-    async def _resolve(self, requested: str) -> str:
-        """The engine model id: a registered adapter by its name, else a base model or auto."""
+    async def _resolve(self, requested: str) -> tuple[str, str | None]:
+        """The engine model id, and the adapter's name when the request names one."""
         if self._adapters is not None and self._adapters.is_registered(requested):
             self._adapters.check_servable(requested)
-            return requested
-        return await self._catalog.resolve(requested)
+            return requested, requested
+        return await self._catalog.resolve(requested), None
+
+    async def _prepare(self, request: ChatCompletionRequest) -> tuple[str, dict[str, Any], Route]:
+        self._limits.check(request)
+        model, adapter = await self._resolve(request.model)
+        payload = request.engine_payload(model)
+        if self._augmenter is not None:
+            route = await self._augmenter.apply(request, payload, adapter)
+        else:
+            route = Route(adapter=adapter, rag=RagRoute(used=False), reason="retrieval is not configured")
+        return model, payload, route
 
     async def complete(self, request: ChatCompletionRequest) -> ChatCompletion:
-        self._limits.check(request)
-        model = await self._resolve(request.model)
+        model, payload, route = await self._prepare(request)
         try:
-            completion = await self._engine.chat(request.engine_payload(model))
+            completion = await self._engine.chat(payload)
         except NotFoundError:
             self._catalog.forget()
             raise
         self._metrics.count_usage(model, completion.usage)
-        return completion
+        return completion.model_copy(update={"route": route})
 
     async def stream(self, request: ChatCompletionRequest) -> ChatStream:
         """Open the upstream stream before answering, so that the engine's refusals (context
         too long, unknown model) are plain HTTP errors rather than events in a 200 stream."""
-        self._limits.check(request)
-        model = await self._resolve(request.model)
-        payload = request.engine_payload(model)
+        model, payload, route = await self._prepare(request)
         # Usage is always asked of the engine (for the token metrics); the client sees it
         # only if it asked too.
         payload["stream_options"] = {"include_usage": True}
@@ -70,7 +81,7 @@ class ChatService:
         except NotFoundError:
             self._catalog.forget()
             raise
-        return ChatStream(upstream, model=model, wants_usage=wants_usage, metrics=self._metrics)
+        return ChatStream(upstream, model=model, wants_usage=wants_usage, metrics=self._metrics, route=route)
 
 
 class ChatStream:
@@ -78,13 +89,17 @@ class ChatStream:
 
     An engine failure mid-stream becomes one error payload, then ``[DONE]``."""
 
-    def __init__(self, upstream: EngineStream, *, model: str, wants_usage: bool, metrics: Metrics) -> None:
+    def __init__(
+        self, upstream: EngineStream, *, model: str, wants_usage: bool, metrics: Metrics, route: Route
+    ) -> None:
         self._upstream = upstream
         self._model = model
         self._wants_usage = wants_usage
         self._metrics = metrics
+        self.route = route
 
     async def events(self) -> AsyncIterator[str]:
+        first = True
         try:
             async for data in self._upstream.data():
                 chunk = _parse_chunk(data)
@@ -94,6 +109,9 @@ class ChatStream:
                         if not chunk.choices:
                             continue
                         chunk = chunk.model_copy(update={"usage": None})
+                if first:
+                    chunk = chunk.model_copy(update={"route": self.route})
+                    first = False
                 yield chunk.model_dump_json()
         except APIError as exc:
             logger.warning("stream ended by an engine error: %s", exc.message)

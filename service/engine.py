@@ -32,9 +32,9 @@ from service.errors import (
     NotFoundError,
     UpstreamError,
 )
-from service.protocol import ChatCompletion, ModelCard, ModelList
+from service.protocol import ChatCompletion, ModelCard, ModelList, PromptSize
 
-_T = TypeVar("_T", ChatCompletion, ModelList)
+_T = TypeVar("_T", ChatCompletion, ModelList, PromptSize)
 _CONTEXT_WORDS = re.compile(r"maximum context length|max_model_len|context length", re.IGNORECASE)
 _CHAT = "/v1/chat/completions"
 
@@ -57,6 +57,8 @@ class Engine(Protocol):
     async def chat(self, payload: dict[str, Any]) -> ChatCompletion: ...
 
     async def open_chat_stream(self, payload: dict[str, Any]) -> EngineStream: ...
+
+    async def count_prompt_tokens(self, model: str, messages: list[dict[str, Any]]) -> PromptSize: ...
 
 
 def engine_session(
@@ -121,6 +123,15 @@ class VLLMEngine:
         if status != 200:
             raise self._status_error(status, body)
         return _parse(ChatCompletion, body)
+
+    async def count_prompt_tokens(self, model: str, messages: list[dict[str, Any]]) -> PromptSize:
+        """The prompt's length in the model's tokens, chat template included (vLLM's
+        ``/tokenize``), and the model's context window."""
+        payload = {"model": model, "messages": messages, "add_generation_prompt": True}
+        status, body = await self._request("POST", "/tokenize", payload=payload)
+        if status != 200:
+            raise self._status_error(status, body)
+        return _parse(PromptSize, body)
 
     async def open_chat_stream(self, payload: dict[str, Any]) -> EngineStream:
         try:

@@ -118,12 +118,14 @@ class ChatCompletionRequest(_Request):
     user: Annotated[str, Field(max_length=256)] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
+    # hybrid-serve extension: retrieval-augmented answer (see Route below)
+    rag: Literal["auto", "on", "off"] = "auto"
 
     def engine_payload(self, engine_model: str) -> dict[str, Any]:
         """The body sent to vLLM: the allowed fields, ``model`` resolved, ``developer`` sent
         as ``system`` (open models' chat templates know no developer role)."""
         payload = self.model_dump(
-            exclude_none=True, by_alias=True, exclude={"model", "max_completion_tokens"}
+            exclude_none=True, by_alias=True, exclude={"model", "max_completion_tokens", "rag"}
         )
         payload["model"] = engine_model
         budget = self.max_completion_tokens or self.max_tokens
@@ -192,6 +194,40 @@ class Choice(_Wire):
     finish_reason: FinishReason
 
 
+# ---------------------------------------------------------------- hybrid-serve extensions
+
+
+class RouteSource(_Wire):
+    """A passage given to the model; the answer cites it as ``[id]``."""
+
+    id: int
+    source: str
+    title: str | None = None
+    score: float  # cosine similarity of the passage to the query
+    text: str  # the passage exactly as the model saw it
+    collection: str
+    chunk_id: str
+
+
+class RagRoute(_Wire):
+    used: bool
+    sources: list[RouteSource] = Field(default_factory=list)
+
+
+class Route(_Wire):
+    """How a request was answered: which adapter, which sources, and why."""
+
+    keep_null: ClassVar[frozenset[str]] = frozenset({"adapter"})
+    adapter: str | None = None
+    rag: RagRoute
+    reason: str
+
+    def header(self) -> str:
+        """The ``X-Route`` header: the decision in one line, for logs and proxies."""
+        rag = "on" if self.rag.used else "off"
+        return f"adapter={self.adapter or 'none'}; rag={rag}; sources={len(self.rag.sources)}"
+
+
 class ChatCompletion(_Wire):
     id: str
     object: Literal["chat.completion"] = "chat.completion"
@@ -200,6 +236,7 @@ class ChatCompletion(_Wire):
     choices: list[Choice]
     usage: Usage | None = None
     system_fingerprint: str | None = None
+    route: Route | None = None  # hybrid-serve extension
 
 
 class Delta(_Wire):
@@ -224,6 +261,7 @@ class ChatCompletionChunk(_Wire):
     choices: list[ChunkChoice]
     usage: Usage | None = None
     system_fingerprint: str | None = None
+    route: Route | None = None  # hybrid-serve extension: on the first chunk only
 
 
 class ModelCard(_Wire):
@@ -242,3 +280,10 @@ class ModelCard(_Wire):
 class ModelList(_Wire):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class PromptSize(_Wire):
+    """vLLM's ``/tokenize`` answer (engine-facing, not part of the public API)."""
+
+    count: int
+    max_model_len: int | None = None

@@ -37,6 +37,7 @@ ChatDep = Annotated[ChatService, Depends(_chat)]
 CatalogDep = Annotated[ModelCatalog, Depends(_catalog)]
 
 _JSON = "application/json"
+ROUTE_HEADER = "X-Route"
 
 
 class ChatEventStream(EventSourceResponse):
@@ -44,7 +45,7 @@ class ChatEventStream(EventSourceResponse):
     response ends (finished, failed, or the client went away), which makes vLLM abort."""
 
     def __init__(self, stream: ChatStream) -> None:
-        super().__init__(stream.events(), sep="\n")
+        super().__init__(stream.events(), sep="\n", headers={ROUTE_HEADER: stream.route.header()})
         self._stream = stream
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -71,7 +72,8 @@ async def create_chat_completion(request: Request, chat: ChatDep) -> Response:
     if body.stream:
         return ChatEventStream(await chat.stream(body))
     completion = await chat.complete(body)
-    return Response(completion.model_dump_json(), media_type=_JSON)
+    headers = {ROUTE_HEADER: completion.route.header()} if completion.route else None
+    return Response(completion.model_dump_json(), media_type=_JSON, headers=headers)
 
 
 @router.get("/v1/models", response_model=ModelList)

