@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from index.loaders import SourceDocument
+from index.documents import SourceDocument
 
 TokenSpans = Callable[[str], list[tuple[int, int]]]
 

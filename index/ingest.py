@@ -18,9 +18,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from index.chunking import Chunk, ChunkingPolicy, chunk_document
+from index.documents import SourceDocument
 from index.embedder import Embedder, Vectors
 from index.errors import CollectionNotFound, DocumentError
-from index.loaders import SourceDocument
 from index.store import NEVER_EXPIRES, ChunkStore, StoredChunk, validate_collection_name
 
 EMBED_SLICE = 128

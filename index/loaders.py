@@ -1,4 +1,4 @@
-"""Uploaded files and submitted text to structured documents, before chunking.
+"""Uploaded files and submitted text to documents (see :mod:`index.documents`), before chunking.
 
 Pure functions over the given bytes or text: no store, no embedder. Every problem is a
 :class:`DocumentError` (or :class:`UnsupportedFormat`) whose ``param`` names the field to fix.
@@ -8,26 +8,29 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import os
 import re
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from html.parser import HTMLParser
 from types import MappingProxyType
 
 import pypdf
 
+from index.documents import (
+    MAX_TITLE_CHARS,
+    Section,
+    SourceDocument,
+    check_metadata,
+    check_source,
+    check_title,
+    collapse_whitespace,
+    describe_type,
+    parse_expires_at,
+)
 from index.errors import DocumentError, UnsupportedFormat
 
-MetadataValue = str | int | float | bool
-
-RESERVED_METADATA_KEYS: frozenset[str] = frozenset(
-    {"source", "title", "position", "heading", "page", "ingested_at", "expires_at", "content_hash"}
-    | {"document_hash", "chunks"}
-)
 SUPPORTED_EXTENSIONS: Mapping[str, str] = MappingProxyType(
     {".txt": "text", ".text": "text", ".md": "markdown", ".markdown": "markdown", ".html": "html"}
     | {".htm": "html", ".pdf": "pdf", ".jsonl": "jsonl", ".ndjson": "jsonl"}
@@ -47,34 +50,6 @@ _CONTENT_TYPES: Mapping[str, tuple[str, ...]] = {
 }
 _ANY_CONTENT_TYPE = frozenset({"", "application/octet-stream"})
 
-_MAX_SOURCE_CHARS = 512
-_MAX_TITLE_CHARS = 512
-_MAX_METADATA_KEYS = 32
-_MAX_METADATA_KEY_CHARS = 64
-_MAX_METADATA_VALUE_CHARS = 1024
-_INT64 = 2**63  # the store keeps integers as int64
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-
-
-@dataclass(frozen=True)
-class Section:
-    """Paragraphs under one heading path (``"Refunds > Exceptions"``), or one PDF page."""
-
-    heading: str | None
-    paragraphs: tuple[str, ...]
-    page: int | None = None
-
-
-@dataclass(frozen=True)
-class SourceDocument:
-    """One document as the chunker sees it; ``metadata`` holds user keys only."""
-
-    source: str
-    title: str | None
-    sections: tuple[Section, ...]
-    metadata: Mapping[str, MetadataValue]
-    expires_at: datetime | None
-
 
 def text_document(
     source: str,
@@ -89,12 +64,12 @@ def text_document(
 
     ``param`` is the JSON path errors are reported under, e.g. ``documents[2]``.
     """
-    source = _check_source(source, f"{param}.source")
-    title = _check_title(title, f"{param}.title")
-    user_metadata = _check_metadata(metadata, f"{param}.metadata")
-    expiry = _parse_expires_at(expires_at, f"{param}.expires_at")
+    source = check_source(source, f"{param}.source")
+    title = check_title(title, f"{param}.title")
+    user_metadata = check_metadata(metadata, f"{param}.metadata")
+    expiry = parse_expires_at(expires_at, f"{param}.expires_at")
     if not isinstance(text, str):
-        raise DocumentError(f"text must be a string, not {_kind(text)}", f"{param}.text")
+        raise DocumentError(f"text must be a string, not {describe_type(text)}", f"{param}.text")
     sections, first_h1 = _markdown(_newlines(text))
     if not sections:
         raise DocumentError("text is empty: it has no paragraphs to index", f"{param}.text")
@@ -104,7 +79,7 @@ def text_document(
 def load_file(data: bytes, filename: str, content_type: str | None = None) -> list[SourceDocument]:
     """Read an uploaded file: one document whose source is the file name, or one per JSONL record."""
     kind = _format(filename, content_type)
-    source = _check_source(filename, "file")
+    source = check_source(filename, "file")
     if not data:
         raise DocumentError(f"{filename} is empty", "file")
     if kind == "pdf":
@@ -123,124 +98,6 @@ def load_file(data: bytes, filename: str, content_type: str | None = None) -> li
         if not sections:
             raise DocumentError(f"{filename} has no text to index", "file")
     return [SourceDocument(source, _derived_title(title), sections, {}, None)]
-
-
-# --- validation shared by every path -------------------------------------------------------------
-
-
-def _check_source(value: object, param: str) -> str:
-    """A document's source, stripped: non-empty, short and free of control characters."""
-    if not isinstance(value, str):
-        raise DocumentError(f"source must be a string, not {_kind(value)}", param)
-    source = value.strip()
-    if not source:
-        raise DocumentError("source is empty; give the document a name or path", param)
-    _check_length("source", source, _MAX_SOURCE_CHARS, param)
-    if _CONTROL.search(source):
-        raise DocumentError(f"source {source!r} contains control characters (such as newlines)", param)
-    return source
-
-
-def _check_title(value: object, param: str) -> str | None:
-    """An optional title with whitespace collapsed; blank means none."""
-    if value is None:
-        return None
-    if not isinstance(value, str):
-        raise DocumentError(f"title must be a string, not {_kind(value)}", param)
-    title = _collapse(value)
-    _check_length("title", title, _MAX_TITLE_CHARS, param)
-    return title or None
-
-
-def _check_metadata(value: object, param: str) -> dict[str, MetadataValue]:
-    """User metadata: a few short keys to scalar values, none of them a key the index sets itself."""
-    if value is None:
-        return {}
-    if not isinstance(value, Mapping):
-        raise DocumentError(f"metadata must be an object, not {_kind(value)}", param)
-    if len(value) > _MAX_METADATA_KEYS:
-        raise DocumentError(
-            f"metadata has {len(value)} keys; at most {_MAX_METADATA_KEYS} are allowed", param
-        )
-    checked: dict[str, MetadataValue] = {}
-    for key, item in value.items():
-        _check_metadata_key(key, param)
-        checked[key] = _check_metadata_value(key, item, param)
-    return checked
-
-
-def _check_metadata_key(key: object, param: str) -> None:
-    if not isinstance(key, str) or not key.strip():
-        raise DocumentError(f"metadata keys must be non-empty strings, not {key!r}", param)
-    _check_length(f"metadata key {key[:20]!r}...", key, _MAX_METADATA_KEY_CHARS, param)
-    if key in RESERVED_METADATA_KEYS:
-        raise DocumentError(
-            f"metadata key {key!r} is reserved (the index sets it); rename it. "
-            f"Reserved keys: {', '.join(sorted(RESERVED_METADATA_KEYS))}",
-            param,
-        )
-    # '$' and '#' open the store's filter operators and special keys: such a key could not be filtered on.
-    if key[0] in "$#" or _CONTROL.search(key):
-        raise DocumentError(
-            f"metadata key {key!r} must not start with '$' or '#' or hold control characters", param
-        )
-
-
-def _check_metadata_value(key: str, value: object, param: str) -> MetadataValue:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, int):
-        if not -_INT64 <= value < _INT64:
-            raise DocumentError(f"metadata {key!r} is an integer out of the 64-bit range", param)
-        return value
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            raise DocumentError(f"metadata {key!r} is {value}; numbers must be finite", param)
-        return value
-    if isinstance(value, str):
-        _check_length(f"metadata {key!r}", value, _MAX_METADATA_VALUE_CHARS, param)
-        return value
-    raise DocumentError(
-        f"metadata {key!r} is {_kind(value)}; values must be a string, number or boolean "
-        "(no null, lists or nested objects)",
-        param,
-    )
-
-
-def _parse_expires_at(value: object, param: str) -> datetime | None:
-    """An ISO 8601 date or time (naive means UTC) or seconds since the epoch, as an aware UTC datetime."""
-    if value is None:
-        return None
-    hint = (
-        "use an ISO 8601 date or time such as 2026-12-31 or 2026-12-31T12:00:00Z, or seconds since the epoch"
-    )
-    if isinstance(value, datetime):
-        moment = value
-    elif isinstance(value, int | float) and not isinstance(value, bool):
-        try:
-            return datetime.fromtimestamp(value, tz=UTC)
-        except (OverflowError, OSError, ValueError):
-            raise DocumentError(f"expires_at {value!r} is not a usable time; {hint}", param) from None
-    elif isinstance(value, str):
-        try:
-            moment = datetime.fromisoformat(value.strip())
-        except ValueError:
-            raise DocumentError(f"expires_at {value!r} is not a date or time; {hint}", param) from None
-    else:
-        raise DocumentError(f"expires_at must be a string or a number, not {_kind(value)}; {hint}", param)
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
-
-
-def _check_length(what: str, value: str, limit: int, param: str) -> None:
-    if len(value) > limit:
-        raise DocumentError(f"{what} is {len(value)} characters; at most {limit} are allowed", param)
-
-
-def _kind(value: object) -> str:
-    names = {type(None): "null", bool: "a boolean", int: "a number", float: "a number", str: "a string"}
-    if isinstance(value, Mapping | list | tuple):
-        return "an object" if isinstance(value, Mapping) else "a list"
-    return names.get(type(value), f"a {type(value).__name__}")
 
 
 # --- formats -------------------------------------------------------------------------------------
@@ -282,19 +139,15 @@ def _newlines(text: str) -> str:
     return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
-def _collapse(text: str) -> str:
-    return " ".join(text.split())
-
-
 def _derived_title(title: str | None) -> str | None:
     # A title read from inside a file is a convenience: trim it rather than refuse the file.
-    title = _collapse(title or "")
-    return title[:_MAX_TITLE_CHARS] or None
+    title = collapse_whitespace(title or "")
+    return title[:MAX_TITLE_CHARS] or None
 
 
 def _blocks(text: str) -> list[str]:
     """Blank-line separated blocks, each joined onto one line."""
-    return [p for p in (_collapse(block) for block in re.split(r"\n[^\S\n]*\n", text)) if p]
+    return [p for p in (collapse_whitespace(block) for block in re.split(r"\n[^\S\n]*\n", text)) if p]
 
 
 class _Sections:
@@ -307,7 +160,7 @@ class _Sections:
         self._paragraphs: list[str] = []
 
     def heading(self, level: int, text: str) -> None:
-        text = _collapse(text)
+        text = collapse_whitespace(text)
         if not text:
             return
         self._close()
@@ -322,7 +175,7 @@ class _Sections:
             lines = [line.rstrip() for line in text.split("\n")]
             text = "\n".join(lines).strip("\n") if any(lines) else ""
         else:
-            text = _collapse(text)
+            text = collapse_whitespace(text)
         if text:
             self._paragraphs.append(text)
 
@@ -457,7 +310,7 @@ class _HTMLText(HTMLParser):
             return
         elif tag == "title" and self._title is not None:
             if self.title is None:
-                self.title = _collapse("".join(self._title)) or None
+                self.title = collapse_whitespace("".join(self._title)) or None
             self._title = None
         elif tag in _HEADINGS and self._heading is not None:
             self.out.heading(self._heading[0], "".join(self._heading[1]))
@@ -559,14 +412,14 @@ def _record(line: str, default_source: str) -> SourceDocument:
     except json.JSONDecodeError as exc:
         raise DocumentError(f"not valid JSON ({exc.msg} at column {exc.colno})", "file") from None
     if not isinstance(record, dict):
-        raise DocumentError(f"expected a JSON object, got {_kind(record)}", "file")
+        raise DocumentError(f"expected a JSON object, got {describe_type(record)}", "file")
     if "text" not in record:
         raise DocumentError("'text' is missing; each record needs the document's text", "file")
     fields = dict(record)
     text, source, title, expires_at = (
         fields.pop(key, None) for key in ("text", "source", "title", "expires_at")
     )
-    metadata = _check_metadata(fields.pop("metadata", None), "file")
+    metadata = check_metadata(fields.pop("metadata", None), "file")
     if clash := sorted(fields.keys() & metadata.keys()):
         raise DocumentError(
             f"metadata key {clash[0]!r} is given both in 'metadata' and at the top level", "file"

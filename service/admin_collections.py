@@ -12,9 +12,10 @@ from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.datastructures import UploadFile
 
+from index.documents import SourceDocument
 from index.errors import DocumentError
 from index.ingest import IngestResult
-from index.loaders import SourceDocument, text_document
+from index.loaders import text_document
 from index.store import CollectionInfo
 from service.admin import require_admin
 from service.errors import InvalidRequestError

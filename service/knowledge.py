@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from index.chunking import ChunkingPolicy
+from index.documents import SourceDocument
 from index.embedder import Embedder, load_embedder
 from index.errors import (
     CollectionNotFound,
@@ -25,7 +26,7 @@ from index.errors import (
 )
 from index.ingest import Ingestor, IngestResult
 from index.lexical import LexicalIndex
-from index.loaders import SourceDocument, load_file
+from index.loaders import load_file
 from index.retrieval import Passage, Retriever
 from index.store import ChunkStore, CollectionInfo, http_client, persistent_client
 from service.errors import (

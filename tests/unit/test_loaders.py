@@ -11,15 +11,9 @@ from datetime import UTC, datetime, timedelta, timezone
 import pypdf
 import pytest
 
+from index.documents import RESERVED_METADATA_KEYS, Section, SourceDocument
 from index.errors import DocumentError, UnsupportedFormat
-from index.loaders import (
-    RESERVED_METADATA_KEYS,
-    SUPPORTED_EXTENSIONS,
-    Section,
-    SourceDocument,
-    load_file,
-    text_document,
-)
+from index.loaders import SUPPORTED_EXTENSIONS, load_file, text_document
 
 
 def make_pdf(*pages: str, title: str | None = None) -> bytes:
