@@ -125,7 +125,13 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
             knowledge, engine, top_k=settings.rag_top_k, answer_tokens=settings.rag_answer_tokens
         )
         app.state.chat = ChatService(
-            engine, catalog, RequestLimits.from_settings(settings), metrics, registry, augmenter
+            engine,
+            catalog,
+            RequestLimits.from_settings(settings),
+            metrics,
+            registry,
+            augmenter,
+            attach_citations=settings.rag_citations == "attach",
         )
         yield
     finally:

@@ -13,6 +13,8 @@ from pydantic import ValidationError
 from service.adapter_registry import AdapterRegistry
 from service.augment import Augmenter
 from service.catalog import ModelCatalog
+from service.citations import Citations
+from service.context_block import query_text
 from service.engine import Engine, EngineStream
 from service.errors import APIError, NotFoundError, UpstreamError
 from service.limits import RequestLimits
@@ -33,6 +35,8 @@ class ChatService:
         metrics: Metrics,
         adapters: AdapterRegistry | None = None,
         augmenter: Augmenter | None = None,
+        *,
+        attach_citations: bool = True,
     ) -> None:
         self._engine = engine
         self._catalog = catalog
@@ -40,6 +44,7 @@ class ChatService:
         self._metrics = metrics
         self._adapters = adapters
         self._augmenter = augmenter
+        self._attach_citations = attach_citations
 
     async def _resolve(self, requested: str) -> tuple[str, str | None]:
         """The engine model id, and the adapter's name when the request names one."""
@@ -66,6 +71,9 @@ class ChatService:
             self._catalog.forget()
             raise
         self._metrics.count_usage(model, completion.usage)
+        citations = self._citations(route, payload)
+        if citations is not None:
+            completion = citations.attach(completion)
         return completion.model_copy(update={"route": route})
 
     async def stream(self, request: ChatCompletionRequest) -> ChatStream:
@@ -81,7 +89,19 @@ class ChatService:
         except NotFoundError:
             self._catalog.forget()
             raise
-        return ChatStream(upstream, model=model, wants_usage=wants_usage, metrics=self._metrics, route=route)
+        return ChatStream(
+            upstream,
+            model=model,
+            wants_usage=wants_usage,
+            metrics=self._metrics,
+            route=route,
+            citations=self._citations(route, payload),
+        )
+
+    def _citations(self, route: Route, payload: dict[str, Any]) -> Citations | None:
+        if not self._attach_citations or not route.rag.used:
+            return None
+        return Citations([source.text for source in route.rag.sources], query_text(payload["messages"]))
 
 
 class ChatStream:
@@ -90,13 +110,21 @@ class ChatStream:
     An engine failure mid-stream becomes one error payload, then ``[DONE]``."""
 
     def __init__(
-        self, upstream: EngineStream, *, model: str, wants_usage: bool, metrics: Metrics, route: Route
+        self,
+        upstream: EngineStream,
+        *,
+        model: str,
+        wants_usage: bool,
+        metrics: Metrics,
+        route: Route,
+        citations: Citations | None = None,
     ) -> None:
         self._upstream = upstream
         self._model = model
         self._wants_usage = wants_usage
         self._metrics = metrics
         self.route = route
+        self._citations = citations
 
     async def events(self) -> AsyncIterator[str]:
         first = True
@@ -109,6 +137,8 @@ class ChatStream:
                         if not chunk.choices:
                             continue
                         chunk = chunk.model_copy(update={"usage": None})
+                if self._citations is not None:
+                    chunk = self._citations.follow(chunk)
                 if first:
                     chunk = chunk.model_copy(update={"route": self.route})
                     first = False

@@ -1,5 +1,5 @@
 """``hybrid-serve``: the command line. ``serve`` runs the gateway; ``model`` materialises the
-bundled model. Later capabilities add their subcommands here."""
+bundled model; ``adapters``, ``ingest`` and ``collections`` drive the admin API."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from service import cli_adapters
+from service import cli_adapters, cli_collections
 from service.settings import Settings
 
 
@@ -34,6 +34,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     model.set_defaults(handler=_model)
 
     cli_adapters.add_parser(commands)
+    cli_collections.add_parsers(commands)
 
     args = parser.parse_args(argv)
     code: int = args.handler(args)

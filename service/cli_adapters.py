@@ -5,13 +5,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
-import httpx
-
-from service.settings import Settings
+from service.admin_client import admin_client, report
 
 
 def add_parser(commands: Any) -> None:
@@ -47,30 +44,6 @@ def add_parser(commands: Any) -> None:
     remove.set_defaults(handler=_remove)
 
 
-def _client() -> httpx.Client:
-    settings = Settings()
-    if settings.admin_token is None:
-        raise SystemExit("HYBRID_ADMIN_TOKEN is not set: the admin API needs it")
-    return httpx.Client(
-        base_url=settings.gateway_base_url,
-        headers={"Authorization": f"Bearer {settings.admin_token.get_secret_value()}"},
-        timeout=httpx.Timeout(10.0, read=600.0),
-    )
-
-
-def _report(response: httpx.Response) -> int:
-    if response.status_code >= 400:
-        try:
-            error = response.json()["error"]
-            print(f"error {response.status_code}: {error['message']}", file=sys.stderr)
-        except (ValueError, KeyError, TypeError):
-            print(f"error {response.status_code}: {response.text[:500]}", file=sys.stderr)
-        return 1
-    if response.content:
-        print(json.dumps(response.json(), indent=2))
-    return 0
-
-
 def _add(args: argparse.Namespace) -> int:
     fields: dict[str, Any] = {
         "name": args.name,
@@ -80,9 +53,9 @@ def _add(args: argparse.Namespace) -> int:
     }
     if args.threshold is not None:
         fields["threshold"] = args.threshold
-    with _client() as client:
+    with admin_client() as client:
         if args.server_path:
-            return _report(client.post("/admin/adapters", json={**fields, "path": args.source}))
+            return report(client.post("/admin/adapters", json={**fields, "path": args.source}))
         directory = Path(args.source)
         form = {
             k: json.dumps(v) if isinstance(v, list) else str(v).lower() if isinstance(v, bool) else str(v)
@@ -96,19 +69,19 @@ def _add(args: argparse.Namespace) -> int:
                 "adapter_config": ("adapter_config.json", config, "application/json"),
                 "adapter_model": ("adapter_model.safetensors", weights, "application/octet-stream"),
             }
-            return _report(client.post("/admin/adapters", data=form, files=files))
+            return report(client.post("/admin/adapters", data=form, files=files))
 
 
 def _list(args: argparse.Namespace) -> int:
-    with _client() as client:
-        return _report(client.get("/admin/adapters"))
+    with admin_client() as client:
+        return report(client.get("/admin/adapters"))
 
 
 def _show(args: argparse.Namespace) -> int:
-    with _client() as client:
-        return _report(client.get(f"/admin/adapters/{args.name}"))
+    with admin_client() as client:
+        return report(client.get(f"/admin/adapters/{args.name}"))
 
 
 def _remove(args: argparse.Namespace) -> int:
-    with _client() as client:
-        return _report(client.delete(f"/admin/adapters/{args.name}"))
+    with admin_client() as client:
+        return report(client.delete(f"/admin/adapters/{args.name}"))

@@ -124,6 +124,11 @@ class Settings(BaseSettings):
         ge=1,
         description="Room kept for the answer when trimming sources and the request has no `max_tokens`.",
     )
+    rag_citations: Literal["attach", "model"] = Field(
+        "attach",
+        description="`attach`: when an answer cites no source, the gateway cites those the answer "
+        "restates; `model`: answers are left as the model wrote them.",
+    )
     max_document_upload_bytes: int = Field(
         32 * 1024 * 1024, ge=1024, description="Largest body of a document upload (admin collections)."
     )

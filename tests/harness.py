@@ -113,9 +113,12 @@ class ServiceError(RuntimeError):
 
 
 @contextmanager
-def running_service(data_dir: Path, **settings: str) -> Iterator[RunningService]:
+def running_service(
+    data_dir: Path, *, engine_url: str | None = None, **settings: str
+) -> Iterator[RunningService]:
     """Start the service with ``HYBRID_*`` overrides; on exit, SIGTERM it and check that the
-    whole engine went with it."""
+    whole engine went with it. With ``engine_url`` the gateway only connects to that engine
+    (another test's), which saves starting one."""
     port, engine_port = free_port(), free_port()
     env = {
         **os.environ,
@@ -125,6 +128,8 @@ def running_service(data_dir: Path, **settings: str) -> Iterator[RunningService]
         **{f"HYBRID_{key.upper()}": value for key, value in settings.items()},
     }
     env.pop("HYBRID_ENGINE_URL", None)
+    if engine_url is not None:
+        env["HYBRID_ENGINE_URL"] = engine_url
     gateway_log = data_dir / "gateway.log"
     with gateway_log.open("wb") as log:
         process = subprocess.Popen(
@@ -136,7 +141,7 @@ def running_service(data_dir: Path, **settings: str) -> Iterator[RunningService]
         )
     running = RunningService(
         url=f"http://127.0.0.1:{port}",
-        engine_url=f"http://127.0.0.1:{engine_port}",
+        engine_url=engine_url or f"http://127.0.0.1:{engine_port}",
         engine_port=engine_port,
         log_file=data_dir / "logs" / "engine.log",
         data_dir=data_dir,
@@ -160,6 +165,8 @@ def running_service(data_dir: Path, **settings: str) -> Iterator[RunningService]
     orphans, drained = _stop(process, [*first_engine, *running.engine_processes()])
     if not drained:
         raise ServiceError("the gateway did not stop within 60 s of SIGTERM")
+    if engine_url is not None:
+        return
     if not first_engine:
         raise ServiceError("no engine process was found while the service ran")
     if orphans:

@@ -1,0 +1,37 @@
+"""The admin API's client for the command line: the gateway's URL and admin token come from the
+settings (``HYBRID_GATEWAY_URL``, ``HYBRID_ADMIN_TOKEN``)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import httpx
+
+from service.settings import Settings
+
+
+def admin_client() -> httpx.Client:
+    """A client with the admin token; the read timeout allows a large ingestion to finish."""
+    settings = Settings()
+    if settings.admin_token is None:
+        raise SystemExit("HYBRID_ADMIN_TOKEN is not set: the admin API needs it")
+    return httpx.Client(
+        base_url=settings.gateway_base_url,
+        headers={"Authorization": f"Bearer {settings.admin_token.get_secret_value()}"},
+        timeout=httpx.Timeout(10.0, read=600.0),
+    )
+
+
+def report(response: httpx.Response) -> int:
+    """Print the JSON answer, or the error's message on stderr; the exit code."""
+    if response.status_code >= 400:
+        try:
+            error = response.json()["error"]
+            print(f"error {response.status_code}: {error['message']}", file=sys.stderr)
+        except (ValueError, KeyError, TypeError):
+            print(f"error {response.status_code}: {response.text[:500]}", file=sys.stderr)
+        return 1
+    if response.content:
+        print(json.dumps(response.json(), indent=2))
+    return 0
