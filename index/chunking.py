@@ -37,7 +37,7 @@ class ChunkingPolicy:
     def __post_init__(self) -> None:
         if self.size < 16:
             raise ValueError("chunk size must be at least 16 tokens")
-        if not 0 <= self.overlap < self.size // 2:
+        if self.overlap < 0 or 2 * self.overlap >= self.size:
             raise ValueError("chunk overlap must be at least 0 and under half the chunk size")
 
 
@@ -61,7 +61,10 @@ def _windows(text: str, spans: list[tuple[int, int]], policy: ChunkingPolicy) ->
         windows.append((text[spans[start][0] : spans[end - 1][1]].strip(), end - start))
         if end >= len(spans):
             return windows
-        start = max(_word_start(text, spans, end - policy.overlap), start + 1)
+        following = _word_start(text, spans, end - policy.overlap)
+        # No word start after this window's own start (one glued run, a URL or a blob): take
+        # the overlap as it falls rather than creep forward one token at a time.
+        start = following if following > start else end - policy.overlap
 
 
 def _cut(text: str, spans: list[tuple[int, int]], start: int, size: int) -> int:

@@ -88,6 +88,8 @@ class Ingestor:
                     collection, item.document.source, stored, vectors[offset : offset + count]
                 )
                 offset += count
+            # Expired chunks are already hidden from retrieval; this is where they go for good.
+            self._store.delete_expired(collection, now)
         return IngestResult(
             documents=len(prepared),
             chunks=sum(len(item.chunks) for item in prepared),

@@ -30,7 +30,8 @@ from index.embedder import Vectors
 from index.errors import CollectionNotFound, DocumentError, DocumentNotFound, IndexUnavailable
 
 # Chroma's own rule is 3-512 characters; 63 keeps names readable in URLs and metrics.
-_COLLECTION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{1,61}[A-Za-z0-9]$")
+_COLLECTION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{1,61}[A-Za-z0-9]")
+_IPV4 = re.compile(r"\d{1,3}(\.\d{1,3}){3}")
 # Stored on chunks without an expiry so one numeric filter covers every chunk (9999-12-31).
 NEVER_EXPIRES = 253402300799.0
 ChunkMetadata = Mapping[str, str | int | float | bool]
@@ -84,10 +85,12 @@ class Match:
 
 
 def validate_collection_name(name: str) -> str:
-    if not _COLLECTION_NAME.match(name):
+    # Chroma also refuses ".." and names shaped like IPv4 addresses: refuse them here, as a
+    # 400 that says so, rather than let chroma's refusal surface as a 503.
+    if not _COLLECTION_NAME.fullmatch(name) or ".." in name or _IPV4.fullmatch(name):
         raise DocumentError(
             f"invalid collection name {name!r}: use 3-63 letters, digits, '.', '_' or '-', "
-            "starting and ending with a letter or digit",
+            "starting and ending with a letter or digit, without '..' and not shaped like an IP address",
             param="name",
         )
     return name
@@ -278,16 +281,25 @@ class ChunkStore:
         return matches
 
     def corpus(self, name: str, page: int = 10_000) -> Iterator[tuple[list[str], list[str]]]:
-        """(ids, texts) of every chunk, a page at a time, for the lexical index."""
+        """(ids, texts) of every chunk, a page at a time, for the lexical index. A chunk's text
+        is led by its heading path (or title), as its embedding is."""
         collection = self._collection(name)
         offset = 0
         while True:
             with _translated():
-                result = collection.get(include=cast(Any, ["documents"]), limit=page, offset=offset)
+                result = collection.get(
+                    include=cast(Any, ["documents", "metadatas"]), limit=page, offset=offset
+                )
             ids = result["ids"]
             if not ids:
                 return
-            yield ids, [text or "" for text in (result["documents"] or [])]
+            documents = result["documents"] or [""] * len(ids)
+            metadatas = result["metadatas"] or [{}] * len(ids)
+            texts = [
+                _with_context(text or "", metadata or {})
+                for text, metadata in zip(documents, metadatas, strict=True)
+            ]
+            yield ids, texts
             offset += len(ids)
 
     # -- helpers
@@ -325,6 +337,11 @@ def _translated() -> Iterator[None]:
         raise
     except (ChromaError, httpx.HTTPError, OSError) as error:
         raise IndexUnavailable(f"the vector store failed: {error}") from error
+
+
+def _with_context(text: str, metadata: Mapping[str, object]) -> str:
+    context = metadata.get("heading") or metadata.get("title")
+    return f"{context}\n\n{text}" if context else text
 
 
 def _scalars(metadata: Mapping[str, object] | None) -> ChunkMetadata:

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from index.retrieval import Passage
-from service.context_block import query_text, with_sources
+from service.context_block import defuse, query_text, with_sources
 from service.engine import Engine
 from service.knowledge import Knowledge
 from service.protocol import ChatCompletionRequest, RagRoute, Route, RouteSource
@@ -66,7 +66,7 @@ def _route(adapter: str | None, passages: Sequence[Passage], reason: str) -> Rou
             source=passage.source,
             title=passage.title,
             score=passage.score,
-            text=passage.text,
+            text=defuse(passage.text),
             collection=passage.collection,
             chunk_id=passage.id,
         )

@@ -30,7 +30,7 @@ def render_sources(passages: Sequence[Passage]) -> str:
     for number, passage in enumerate(passages, start=1):
         label = " - ".join(part for part in (passage.title, passage.heading) if part) or passage.source
         origin = f" ({passage.source})" if label != passage.source else ""
-        entries.append(f"[{number}] {_defuse(label)}{_defuse(origin)}\n{_defuse(passage.text)}")
+        entries.append(f"[{number}] {defuse(label)}{defuse(origin)}\n{defuse(passage.text)}")
     return PREAMBLE + "\n<sources>\n" + "\n\n".join(entries) + "\n</sources>"
 
 
@@ -63,5 +63,6 @@ def _text(content: object) -> str:
     return ""
 
 
-def _defuse(text: str) -> str:
+def defuse(text: str) -> str:
+    """``text`` with anything that reads as a ``<sources>`` marker made harmless."""
     return _MARKER.sub(lambda match: match.group(0).replace("<", "(").replace(">", ")"), text)

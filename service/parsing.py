@@ -17,7 +17,8 @@ M = TypeVar("M", bound=BaseModel)
 # Segments pydantic adds to an error location to say which union member failed: a
 # discriminator tag (a role, a format type) or a member type ("str", "list[TextPart]").
 _UNION_LABEL = re.compile(r"^(str|int|float|bool|\w+\[.*\])$")
-_TAGS = frozenset({"system", "developer", "user", "assistant", "text", "json_object", "json_schema"})
+_ROLE_TAGS = frozenset({"system", "developer", "user", "assistant"})
+_FORMAT_TAGS = frozenset({"text", "json_object", "json_schema"})
 
 
 async def parse_json_body(request: Request, model: type[M]) -> M:
@@ -63,11 +64,15 @@ def error_param(error: ErrorDetails) -> str | None:
     for segment in error["loc"]:
         if isinstance(segment, int):
             text += f"[{segment}]"
-        elif not (_UNION_LABEL.match(segment) or (segment in _TAGS and _is_tag_position(previous))):
+        elif not (_UNION_LABEL.match(segment) or _is_tag(segment, previous)):
             text += f".{segment}" if text else segment
         previous = segment
     return text or None
 
 
-def _is_tag_position(previous: object) -> bool:
-    return isinstance(previous, int) or previous == "response_format"
+def _is_tag(segment: str, previous: object) -> bool:
+    # A role right after a message's index, a format type right after response_format: any
+    # other "text" is a field (documents[0].text).
+    if segment in _ROLE_TAGS:
+        return isinstance(previous, int)
+    return segment in _FORMAT_TAGS and previous == "response_format"

@@ -204,7 +204,7 @@ class RouteSource(_Wire):
     source: str
     title: str | None = None
     score: float  # cosine similarity of the passage to the query
-    text: str  # the passage exactly as the model saw it
+    text: str  # the passage as the model saw it (marker look-alikes defused)
     collection: str
     chunk_id: str
 

@@ -6,7 +6,9 @@ status, an SSE stream that may fail part-way, a dropped or stalled connection); 
 /v1/models`` is served from :attr:`FakeEngine.models` followed by the loaded LoRA adapters.
 ``/v1/load_lora_adapter`` and ``/v1/unload_lora_adapter`` keep :attr:`FakeEngine.loras` as
 vLLM keeps its adapters (same checks, same messages); a test may pre-load adapters there, or
-script the next load's failure with :attr:`FakeEngine.fail_next_load`. Every request is
+script the next load's failure with :attr:`FakeEngine.fail_next_load`. ``POST /tokenize``
+counts a chat prompt with :func:`prompt_tokens` (a deterministic estimate, not a tokenizer)
+against :attr:`FakeEngine.max_model_len`, which a test may lower. Every request is
 recorded, so a test can assert what did (or did not) reach the engine. Bodies mirror vLLM's
 real ones, nulls and extra fields included.
 """
@@ -29,6 +31,7 @@ CHAT_PATH = "/v1/chat/completions"
 MODELS_PATH = "/v1/models"
 LOAD_LORA_PATH = "/v1/load_lora_adapter"
 UNLOAD_LORA_PATH = "/v1/unload_lora_adapter"
+TOKENIZE_PATH = "/tokenize"
 
 
 # ---------------------------------------------------------------------------- vLLM's bodies
@@ -189,6 +192,19 @@ def error_body(message: str, *, status: int, error_type: str, param: str | None 
     return {"error": {"message": message, "type": error_type, "param": param, "code": status}}
 
 
+def prompt_tokens(messages: Sequence[Any]) -> int:
+    """The fake's token count of a chat prompt: a character count over four, plus four tokens
+    of chat template per message (deterministic, so a test can predict what fits)."""
+    characters = 0
+    for message in messages:
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, str):
+            characters += len(content)
+        elif isinstance(content, list):
+            characters += sum(len(str(part.get("text", ""))) for part in content if isinstance(part, dict))
+    return characters // 4 + 4 * len(messages)
+
+
 # ---------------------------------------------------------------------------- scripted replies
 
 
@@ -275,6 +291,8 @@ class FakeEngine:
     """(status, message): the next load that passes vLLM's checks fails in the engine instead."""
     load_delay_s: float = 0.0
     """How long a load takes (vLLM reads the weights from disk meanwhile)."""
+    max_model_len: int = 8192
+    """The context window ``/tokenize`` reports."""
     peak_concurrent_loads: int = field(default=0, init=False)
     load_started: asyncio.Event = field(default_factory=asyncio.Event, init=False, repr=False)
     """Set once a load has passed vLLM's checks (a test can act while loads are in flight)."""
@@ -336,6 +354,10 @@ class FakeEngine:
         return [r.body for r in self.requests if r.method == "POST" and r.path == UNLOAD_LORA_PATH]
 
     @property
+    def tokenize_requests(self) -> list[dict[str, Any]]:
+        return [r.body for r in self.requests if r.method == "POST" and r.path == TOKENIZE_PATH]
+
+    @property
     def base_model_id(self) -> str | None:
         return next((card["id"] for card in self.models if card.get("parent") is None), None)
 
@@ -374,6 +396,8 @@ class FakeEngine:
             return await self._load_lora(body if isinstance(body, dict) else {})
         if request.method == "POST" and request.path == UNLOAD_LORA_PATH:
             return self._unload_lora(body if isinstance(body, dict) else {})
+        if request.method == "POST" and request.path == TOKENIZE_PATH:
+            return self._tokenize(body if isinstance(body, dict) else {})
         if request.method == "POST" and request.path == CHAT_PATH:
             if not self._replies:
                 self.unexpected += 1
@@ -415,6 +439,14 @@ class FakeEngine:
             message = f"The lora adapter '{name}' cannot be found."
             return web.json_response(error_body(message, status=404, error_type="NotFoundError"), status=404)
         return web.Response(text=f"Success: LoRA adapter '{name}' removed successfully.")
+
+    def _tokenize(self, body: dict[str, Any]) -> web.Response:
+        """vLLM's ``/tokenize`` for a chat prompt (``tokens`` left empty: nobody reads them)."""
+        messages = body.get("messages")
+        if not isinstance(messages, list):
+            return _invalid_input("'messages' (or 'prompt') must be provided.")
+        count = prompt_tokens(messages)
+        return web.json_response({"count": count, "max_model_len": self.max_model_len, "tokens": []})
 
     async def _reply(self, request: web.Request, reply: Reply) -> web.StreamResponse:
         if isinstance(reply, RaiseReply):
