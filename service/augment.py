@@ -69,6 +69,7 @@ def _route(adapter: str | None, passages: Sequence[Passage], reason: str) -> Rou
             text=defuse(passage.text),
             collection=passage.collection,
             chunk_id=passage.id,
+            volatile=passage.volatile,
         )
         for number, passage in enumerate(passages, start=1)
     ]

@@ -207,6 +207,7 @@ class RouteSource(_Wire):
     text: str  # the passage as the model saw it (marker look-alikes defused)
     collection: str
     chunk_id: str
+    volatile: bool  # from a volatile collection (news, prices): fresher than what models know
 
 
 class RagRoute(_Wire):

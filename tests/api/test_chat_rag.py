@@ -20,7 +20,7 @@ from tests.fakes import BASE_MODEL, FakeEngine, prompt_tokens, stream_chunks
 from tests.openai_schema import assert_conforms
 
 QUESTION = {"role": "user", "content": "How long does a refund take to reach my card?"}
-ROUTE_SOURCE_KEYS = {"id", "source", "title", "score", "text", "collection", "chunk_id"}
+ROUTE_SOURCE_KEYS = {"id", "source", "title", "score", "text", "collection", "chunk_id", "volatile"}
 
 
 @pytest.fixture
@@ -398,3 +398,14 @@ async def test_an_invalid_rag_value_is_400(client: httpx.AsyncClient, engine: Fa
     response = await client.post(CHAT, json=chat_body(rag=value))
     assert_error(response, 400, param="rag")
     assert engine.requests == []
+
+
+async def test_sources_say_whether_their_collection_is_volatile(
+    client: httpx.AsyncClient, engine: FakeEngine, handbook: None
+) -> None:
+    news = "Refunds to cards are paused this week while the payment network is upgraded."
+    await ingested(client, "news-feed", doc("news/refund-pause.txt", news), volatile=True)
+    sources = (await rag_chat(client, engine)).json()["route"]["rag"]["sources"]
+    flags = {source["source"]: source["volatile"] for source in sources}
+    assert flags["news/refund-pause.txt"] is True
+    assert flags["policies/refunds.md"] is False
