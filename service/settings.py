@@ -7,7 +7,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 VLLM_LORA_RANKS = frozenset({1, 8, 16, 32, 64, 128, 256, 320, 512})
@@ -169,6 +169,12 @@ class Settings(BaseSettings):
         if value not in VLLM_LORA_RANKS:
             raise ValueError(f"max_lora_rank must be one of {sorted(VLLM_LORA_RANKS)}")
         return value
+
+    @model_validator(mode="after")
+    def _overlap_under_half_a_chunk(self) -> Settings:
+        if 2 * self.chunk_overlap_tokens >= self.chunk_tokens:
+            raise ValueError("chunk_overlap_tokens must be under half of chunk_tokens")
+        return self
 
     @property
     def manages_engine(self) -> bool:

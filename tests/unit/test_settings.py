@@ -131,3 +131,15 @@ def test_get_settings_is_cached(clean_env: pytest.MonkeyPatch) -> None:
     clean_env.setenv("HYBRID_PORT", "9200")
     assert get_settings() is first
     assert first.port == 9100
+
+
+def test_chunk_overlap_must_stay_under_half_a_chunk() -> None:
+    assert Settings(chunk_tokens=200, chunk_overlap_tokens=99).chunk_overlap_tokens == 99
+    with pytest.raises(ValidationError, match="under half"):
+        Settings(chunk_tokens=200, chunk_overlap_tokens=100)
+
+
+@pytest.mark.parametrize("given", ["chroma:8000", "ftp://chroma"])
+def test_chroma_url_needs_http(given: str) -> None:
+    with pytest.raises(ValidationError, match="http"):
+        Settings(chroma_url=given)
