@@ -15,7 +15,7 @@ import contextlib
 import re
 import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -35,6 +35,8 @@ _IPV4 = re.compile(r"\d{1,3}(\.\d{1,3}){3}")
 # Stored on chunks without an expiry so one numeric filter covers every chunk (9999-12-31).
 NEVER_EXPIRES = 253402300799.0
 ChunkMetadata = Mapping[str, str | int | float | bool]
+# Sources looked up per metadata query when an ingestion checks what is stored.
+_SOURCES_PER_QUERY = 500
 
 
 @dataclass(frozen=True)
@@ -198,18 +200,35 @@ class ChunkStore:
     # -- documents
 
     def chunk_ids(self, name: str, source: str) -> set[str]:
-        with _translated():
-            return set(self._collection(name).get(where={"source": source}, include=[])["ids"])
+        return self.chunk_ids_by_source(name, [source]).get(source, set())
 
-    def write_document(self, name: str, source: str, chunks: Sequence[StoredChunk], vectors: Vectors) -> None:
-        """Put ``chunks`` in, then drop the source's chunks that are not among them.
-
-        New chunks land before old ones go, so the source is never missing from search; a
-        crash in between leaves both versions until the next ingest of that source."""
+    def chunk_ids_by_source(self, name: str, sources: Sequence[str]) -> dict[str, set[str]]:
+        """The stored chunk ids of each of ``sources`` that has any, in few round trips."""
         collection = self._collection(name)
-        keep = {chunk.id for chunk in chunks}
+        found: dict[str, set[str]] = {}
+        unique = sorted(set(sources))
+        for start in range(0, len(unique), _SOURCES_PER_QUERY):
+            wanted = unique[start : start + _SOURCES_PER_QUERY]
+            with _translated():
+                result = collection.get(
+                    where=cast(Any, {"source": {"$in": wanted}}), include=cast(Any, ["metadatas"])
+                )
+            for id_, metadata in zip(result["ids"], result["metadatas"] or [], strict=True):
+                found.setdefault(str((metadata or {}).get("source", "")), set()).add(id_)
+        return found
+
+    def write_chunks(
+        self, name: str, chunks: Sequence[StoredChunk], vectors: Vectors, stale: Iterable[str] = ()
+    ) -> None:
+        """Put ``chunks`` in, then delete the ``stale`` ids (the replaced versions' chunks).
+
+        New chunks land before old ones go, so a replaced document is never missing from
+        search; a crash in between leaves both versions until its next ingestion."""
+        stale = sorted(stale)
+        if not chunks and not stale:
+            return  # nothing changed: the revision (and the caches keyed on it) stays
+        collection = self._collection(name)
         with _translated():
-            stale = self.chunk_ids(name, source) - keep
             for start in range(0, len(chunks), self._batch):
                 batch = chunks[start : start + self._batch]
                 collection.upsert(
@@ -218,8 +237,13 @@ class ChunkStore:
                     documents=[chunk.text for chunk in batch],
                     metadatas=[dict(chunk.metadata) for chunk in batch],
                 )
-            self._delete_ids(collection, sorted(stale))
+            self._delete_ids(collection, stale)
         self._touch(collection)
+
+    def write_document(self, name: str, source: str, chunks: Sequence[StoredChunk], vectors: Vectors) -> None:
+        """One document's chunks, replacing whatever that source had."""
+        stale = self.chunk_ids(name, source) - {chunk.id for chunk in chunks}
+        self.write_chunks(name, chunks, vectors, stale)
 
     def delete_document(self, name: str, source: str) -> int:
         collection = self._collection(name)
