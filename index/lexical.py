@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import bm25s
+import numpy as np
 import Stemmer
 
 log = logging.getLogger(__name__)
@@ -52,12 +53,12 @@ class LexicalIndex:
             tokens = _tokenize([query], self._query_stemmer)
         if not tokens[0]:
             return []
-        found, scores = built.bm25.retrieve(tokens, k=min(k, len(built.ids)), show_progress=False)
-        return [
-            (built.ids[int(index)], float(score))
-            for index, score in zip(found[0], scores[0], strict=True)
-            if score > 0
-        ]
+        # Scores and a partial sort directly: bm25s's retrieve() adds milliseconds of jitter.
+        scores = built.bm25.get_scores(tokens[0])
+        k = min(k, len(scores))
+        top = np.argpartition(-scores, k - 1)[:k]
+        top = top[np.argsort(-scores[top])]
+        return [(built.ids[int(index)], float(scores[index])) for index in top if scores[index] > 0]
 
     def forget(self, collection: str) -> None:
         with self._lock:

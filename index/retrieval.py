@@ -76,8 +76,8 @@ class Retriever:
         depth = k if mode == "dense" else max(4 * k, 20)
         now = self._clock()
         # Keyed by (collection, chunk id): the same document may sit in two collections.
-        rankings: list[list[_Key]] = []
         found: dict[_Key, Passage] = {}
+        volatile: dict[str, bool] = {}
         dense: list[tuple[float, _Key]] = []
         lexical: list[tuple[float, _Key]] = []
         for name in collections if collections is not None else self._store.collection_names():
@@ -85,6 +85,7 @@ class Retriever:
                 info = self._store.describe(name)
             except CollectionNotFound:
                 continue  # deleted since it was listed
+            volatile[name] = info.volatile
             if mode != "lexical":
                 matches = self._store.query(name, vector, depth, now=now if info.expiring else None)
                 for match in matches:
@@ -93,18 +94,43 @@ class Retriever:
             if mode != "dense":
                 corpus = functools.partial(self._store.corpus, name)
                 hits = self._lexical.search(name, info.revision, corpus, query, depth)
-                missing = [chunk_id for chunk_id, _ in hits if (name, chunk_id) not in found]
-                for match in self._store.fetch(name, missing, vector):
-                    if float(match.metadata.get("expires_at", NEVER_EXPIRES)) > now:
-                        found[name, match.id] = _passage(name, info.volatile, match)
-                lexical.extend(
-                    (score, (name, chunk_id)) for chunk_id, score in hits if (name, chunk_id) in found
-                )
+                lexical.extend((score, (name, chunk_id)) for chunk_id, score in hits)
+        rankings = []
         if mode != "lexical":
             rankings.append([key for _, key in sorted(dense, key=lambda pair: -pair[0])[:depth]])
         if mode != "dense":
             rankings.append([key for _, key in sorted(lexical, key=lambda pair: -pair[0])[:depth]])
-        return [found[key] for key in _fuse(rankings)[:k]]
+        return self._best(_fuse(rankings), found, volatile, vector, k, now)
+
+    def _best(
+        self,
+        ranked: list[_Key],
+        found: dict[_Key, Passage],
+        volatile: dict[str, bool],
+        vector: Vectors,
+        k: int,
+        now: float,
+    ) -> list[Passage]:
+        """The first ``k`` of ``ranked`` that still exist and have not expired. Lexical-only hits
+        are fetched here, and only as many as can make the cut: fetching every BM25 hit cost
+        more than the dense search at 100k chunks."""
+        best: list[Passage] = []
+        position = 0
+        while len(best) < k and position < len(ranked):
+            window = ranked[position : position + k - len(best)]
+            position += len(window)
+            missing: dict[str, list[str]] = {}
+            for name, chunk_id in window:
+                if (name, chunk_id) not in found:
+                    missing.setdefault(name, []).append(chunk_id)
+            for name, ids in missing.items():
+                for match in self._store.fetch(name, ids, vector):
+                    # The lexical index may be a revision behind: gone chunks are not fetched,
+                    # expired ones are dropped here.
+                    if float(match.metadata.get("expires_at", NEVER_EXPIRES)) > now:
+                        found[name, match.id] = _passage(name, volatile[name], match)
+            best.extend(found[key] for key in window if key in found)
+        return best
 
     def forget(self, collection: str) -> None:
         self._lexical.forget(collection)
