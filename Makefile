@@ -37,6 +37,7 @@ test-fast: setup
 bench: setup
 	$(BIN)/python -m bench.gateway_overhead
 	$(BIN)/python -m bench.adapters
+	$(BIN)/python -m bench.retrieval
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

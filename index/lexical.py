@@ -60,6 +60,11 @@ class LexicalIndex:
         top = top[np.argsort(-scores[top])]
         return [(built.ids[int(index)], float(scores[index])) for index in top if scores[index] > 0]
 
+    def prepare(self, collection: str, revision: str, corpus: Corpus) -> None:
+        """Build ``collection``'s index now (at start-up), not in its first query: at 100k
+        chunks the build takes about 15 s on 2 cores."""
+        self._current(collection, revision, corpus)
+
     def forget(self, collection: str) -> None:
         with self._lock:
             self._built.pop(collection, None)

@@ -132,6 +132,17 @@ class Retriever:
             best.extend(found[key] for key in window if key in found)
         return best
 
+    def warm_up(self) -> None:
+        """Build the lexical index of every collection (blocking; hybrid mode only)."""
+        if self.mode == "dense":
+            return
+        for name in self._store.collection_names():
+            try:
+                revision = self._store.describe(name).revision
+            except CollectionNotFound:
+                continue
+            self._lexical.prepare(name, revision, functools.partial(self._store.corpus, name))
+
     def forget(self, collection: str) -> None:
         self._lexical.forget(collection)
 

@@ -121,6 +121,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         # starting meanwhile.
         knowledge = await asyncio.to_thread(Knowledge.from_settings, settings)
         app.state.knowledge = knowledge
+        knowledge.start_warm_up()
         augmenter = Augmenter(
             knowledge, engine, top_k=settings.rag_top_k, answer_tokens=settings.rag_answer_tokens
         )

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -88,6 +89,19 @@ class Knowledge:
         store = ChunkStore(client, embedder=embedder.name)
         retriever = Retriever(store, embedder, LexicalIndex(), mode=settings.retrieval_mode)
         return cls(store, embedder, policy, retriever, settings.retry_after_s)
+
+    def start_warm_up(self) -> None:
+        """Build the lexical indexes in the background, so the first hybrid query of a large
+        collection does not wait for it. A daemon thread: shutdown never waits for it."""
+
+        def warm_up() -> None:
+            try:
+                self._retriever.warm_up()
+            except Exception:
+                # Queries build what is missing on their own; this was only a head start.
+                logger.exception("warming up the lexical indexes failed")
+
+        threading.Thread(target=warm_up, name="lexical-warm-up", daemon=True).start()
 
     async def ingest_documents(
         self, collection: str, documents: Sequence[SourceDocument], *, volatile: bool | None

@@ -700,3 +700,15 @@ def test_the_same_document_in_two_collections_is_returned_from_each(
     only_beta = retriever.retrieve("refund money back", 10, collections=["beta"], mode=mode)
     assert {passage.collection for passage in only_beta} == {"beta"}
     assert sources(only_beta)[0] == "refunds.md"
+
+
+def test_warm_up_builds_the_lexical_index_before_the_first_query(
+    gated: GatedStore, embedder: SentenceTransformerEmbedder
+) -> None:
+    Ingestor(gated, embedder).ingest("help", help_centre())
+    retriever = Retriever(gated, embedder, LexicalIndex())
+    retriever.warm_up()
+    # With the corpus closed off, a query can only be answered from what warm-up built.
+    gated.gate.clear()
+    found = retriever.retrieve("ZX-4471", 3, mode="lexical")
+    assert found, "the lexical index was not built by the warm-up"
