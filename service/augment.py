@@ -29,9 +29,10 @@ class Augmenter:
         self._answer_tokens = answer_tokens
 
     async def apply(
-        self, request: ChatCompletionRequest, payload: dict[str, Any], adapter: str | None
+        self, request: ChatCompletionRequest, payload: dict[str, Any], adapter: str | None, base_model: str
     ) -> Route:
-        """Add the context block to ``payload`` when the request asks for retrieval."""
+        """Add the context block to ``payload`` when the request asks for retrieval. Prompts are
+        measured with ``base_model``'s tokenizer, which its adapters share."""
         if request.rag != "on":
             why = "rag=off" if request.rag == "off" else "rag=auto: no retrieval unless rag=on"
             return _route(adapter, [], f"{_model_reason(adapter)}; {why}")
@@ -40,7 +41,7 @@ class Augmenter:
         if not passages:
             return _route(adapter, [], f"{_model_reason(adapter)}; rag=on: no passage matched")
         budget = payload.get("max_tokens") or self._answer_tokens
-        fitted = await self._fit(payload["model"], payload["messages"], passages, budget)
+        fitted = await self._fit(base_model, payload["messages"], passages, budget)
         if not fitted:
             return _route(adapter, [], f"{_model_reason(adapter)}; rag=on: no source fits the context window")
         payload["messages"] = with_sources(payload["messages"], fitted)

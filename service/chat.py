@@ -58,7 +58,8 @@ class ChatService:
         model, adapter = await self._resolve(request.model)
         payload = request.engine_payload(model)
         if self._augmenter is not None:
-            route = await self._augmenter.apply(request, payload, adapter)
+            base_model = self._catalog.base_model or model
+            route = await self._augmenter.apply(request, payload, adapter, base_model)
         else:
             route = Route(adapter=adapter, rag=RagRoute(used=False), reason="retrieval is not configured")
         return model, payload, route

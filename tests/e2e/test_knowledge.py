@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from tests.e2e.test_adapters import upload
 from tests.harness import ADMIN_TOKEN, RunningService
 
 pytestmark = pytest.mark.e2e
@@ -176,3 +177,23 @@ def test_cli_ingests_a_directory_idempotently(service: RunningService, tmp_path:
         deleted = admin.delete("/admin/collections/cli-news/documents/faq/limits.md")
         assert deleted.status_code == 200, deleted.text
         assert admin.delete("/admin/collections/cli-news").status_code == 200
+
+
+def test_a_named_adapter_answers_with_the_sources_too(knowledge: RunningService, lora_adapter: Path) -> None:
+    with knowledge.admin() as admin:
+        assert upload(admin, "kb-adapter", lora_adapter).status_code == 201
+        try:
+            completion = knowledge.client().chat.completions.create(
+                model="kb-adapter",
+                messages=[{"role": "user", "content": HOURS}],
+                temperature=0,
+                max_tokens=16,
+                extra_body={"rag": "on"},
+            )
+            route = route_of(completion)
+            assert completion.model == "kb-adapter"
+            assert route["adapter"] == "kb-adapter"
+            assert route["rag"]["used"] is True
+            assert route["rag"]["sources"][0]["source"] == "branches.txt"
+        finally:
+            assert admin.delete("/admin/adapters/kb-adapter").status_code == 204
