@@ -35,10 +35,10 @@ from typing import Any
 import numpy as np
 
 from bench import retrieval_scale
-from index.chunking import ChunkingPolicy, chunk_document
+from index.chunking import ChunkingPolicy, chunk_document, searchable_text
 from index.documents import SourceDocument
 from index.embedder import Embedder, Vectors, load_embedder
-from index.ingest import Ingestor, _embedding_text
+from index.ingest import Ingestor
 from index.lexical import LexicalIndex
 from index.loaders import text_document
 from index.retrieval import Mode, Passage, Retriever
@@ -90,12 +90,12 @@ def chroma_defaults() -> HnswParams:
 def embedded_texts(
     documents: Sequence[SourceDocument], embedder: Embedder, policy: ChunkingPolicy
 ) -> tuple[list[str], int]:
-    """What ``Ingestor.ingest`` embeds, and its tokens; built with the ingestor's own private
-    helper so that the two timings cover exactly the same texts (a bench may lean on it)."""
+    """What ``Ingestor.ingest`` embeds, and its tokens; built with the function the ingestor
+    uses, so that the two timings cover exactly the same texts."""
     texts, tokens = [], 0
     for document in documents:
         for chunk in chunk_document(document, embedder.split_tokens, policy):
-            texts.append(_embedding_text(document, chunk))
+            texts.append(searchable_text(chunk.text, chunk.heading, document.title))
             tokens += chunk.tokens
     return texts, tokens
 

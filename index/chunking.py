@@ -41,6 +41,13 @@ class ChunkingPolicy:
             raise ValueError("chunk overlap must be at least 0 and under half the chunk size")
 
 
+def searchable_text(text: str, heading: str | None, title: str | None) -> str:
+    """What is embedded and indexed lexically for a passage: led by its heading path (or, under
+    none, its document's title), which says what the passage is about when it does not."""
+    context = heading or title
+    return f"{context}\n\n{text}" if context else text
+
+
 def chunk_document(document: SourceDocument, spans_of: TokenSpans, policy: ChunkingPolicy) -> list[Chunk]:
     """Every chunk of ``document``, positions numbered from 0 in reading order."""
     chunks: list[Chunk] = []

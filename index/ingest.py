@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from index.chunking import Chunk, ChunkingPolicy, chunk_document
+from index.chunking import Chunk, ChunkingPolicy, chunk_document, searchable_text
 from index.documents import SourceDocument
 from index.embedder import Embedder, Vectors
 from index.errors import CollectionNotFound, DocumentError
@@ -73,7 +73,11 @@ class Ingestor:
         with self._lock(collection):
             stored = self._stored_ids(collection, [item.document.source for item in prepared])
             changed = [item for item in prepared if stored.get(item.document.source, set()) != set(item.ids)]
-            texts = [_embedding_text(item.document, chunk) for item in changed for chunk in item.chunks]
+            texts = [
+                searchable_text(chunk.text, chunk.heading, item.document.title)
+                for item in changed
+                for chunk in item.chunks
+            ]
             vectors = self._embed(texts)
             expiring = any(item.document.expires_at is not None for item in prepared)
             self._store.ensure_collection(collection, volatile=volatile, expiring=expiring)
@@ -154,13 +158,6 @@ class Ingestor:
 
 def _sha(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def _embedding_text(document: SourceDocument, chunk: Chunk) -> str:
-    # The heading (or the title, for a passage under none) tells the embedder what the
-    # passage is about when the passage itself does not say.
-    context = chunk.heading or document.title
-    return f"{context}\n\n{chunk.text}" if context else chunk.text
 
 
 def _metadata(

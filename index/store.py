@@ -26,6 +26,7 @@ from chromadb.api.models.Collection import Collection
 from chromadb.config import Settings as ChromaSettings
 from chromadb.errors import ChromaError, NotFoundError
 
+from index.chunking import searchable_text
 from index.embedder import Vectors
 from index.errors import CollectionNotFound, DocumentError, DocumentNotFound, IndexUnavailable
 
@@ -134,32 +135,14 @@ class ChunkStore:
 
     def info(self, name: str) -> CollectionInfo:
         collection = self._collection(name)
-        metadata = collection.metadata or {}
         with _translated():
             chunks = collection.count()
             documents = len(collection.get(where={"position": 0}, include=[])["ids"])
-        return CollectionInfo(
-            name=name,
-            chunks=chunks,
-            documents=documents,
-            volatile=bool(metadata.get("volatile", False)),
-            revision=str(metadata.get("revision", "")),
-            embedder=str(metadata.get("embedder", "")),
-            expiring=bool(metadata.get("expiring", False)),
-        )
+        return _info(name, collection.metadata, chunks=chunks, documents=documents)
 
     def describe(self, name: str) -> CollectionInfo:
         """Flags and revision only (no counting): cheap enough for every query."""
-        metadata = self._collection(name).metadata or {}
-        return CollectionInfo(
-            name=name,
-            chunks=-1,
-            documents=-1,
-            volatile=bool(metadata.get("volatile", False)),
-            revision=str(metadata.get("revision", "")),
-            embedder=str(metadata.get("embedder", "")),
-            expiring=bool(metadata.get("expiring", False)),
-        )
+        return _info(name, self._collection(name).metadata, chunks=-1, documents=-1)
 
     def ensure_collection(self, name: str, *, volatile: bool | None, expiring: bool) -> None:
         """Create ``name`` if needed; set ``volatile`` when given; remember expiring chunks."""
@@ -321,7 +304,9 @@ class ChunkStore:
             documents = result["documents"] or [""] * len(ids)
             metadatas = result["metadatas"] or [{}] * len(ids)
             texts = [
-                _with_context(text or "", metadata or {})
+                searchable_text(
+                    text or "", _optional_str(metadata, "heading"), _optional_str(metadata, "title")
+                )
                 for text, metadata in zip(documents, metadatas, strict=True)
             ]
             yield ids, texts
@@ -348,6 +333,19 @@ class ChunkStore:
             collection.modify(metadata=metadata)
 
 
+def _info(name: str, metadata: Mapping[str, object] | None, *, chunks: int, documents: int) -> CollectionInfo:
+    metadata = metadata or {}
+    return CollectionInfo(
+        name=name,
+        chunks=chunks,
+        documents=documents,
+        volatile=bool(metadata.get("volatile", False)),
+        revision=str(metadata.get("revision", "")),
+        embedder=str(metadata.get("embedder", "")),
+        expiring=bool(metadata.get("expiring", False)),
+    )
+
+
 def _revision() -> str:
     # Random, not a counter: two gateways bumping a counter at once could both write n+1.
     return f"{time.time():.6f}-{uuid.uuid4().hex[:8]}"
@@ -364,9 +362,9 @@ def _translated() -> Iterator[None]:
         raise IndexUnavailable(f"the vector store failed: {error}") from error
 
 
-def _with_context(text: str, metadata: Mapping[str, object]) -> str:
-    context = metadata.get("heading") or metadata.get("title")
-    return f"{context}\n\n{text}" if context else text
+def _optional_str(metadata: Mapping[str, object] | None, key: str) -> str | None:
+    value = (metadata or {}).get(key)
+    return str(value) if value else None
 
 
 def _scalars(metadata: Mapping[str, object] | None) -> ChunkMetadata:

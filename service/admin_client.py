@@ -26,12 +26,16 @@ def admin_client() -> httpx.Client:
 def report(response: httpx.Response) -> int:
     """Print the JSON answer, or the error's message on stderr; the exit code."""
     if response.status_code >= 400:
-        try:
-            error = response.json()["error"]
-            print(f"error {response.status_code}: {error['message']}", file=sys.stderr)
-        except (ValueError, KeyError, TypeError):
-            print(f"error {response.status_code}: {response.text[:500]}", file=sys.stderr)
+        print(error_message(response), file=sys.stderr)
         return 1
     if response.content:
         print(json.dumps(response.json(), indent=2))
     return 0
+
+
+def error_message(response: httpx.Response) -> str:
+    """``error <status>: <message>`` from the error envelope, or from the raw body."""
+    try:
+        return f"error {response.status_code}: {response.json()['error']['message']}"
+    except (ValueError, KeyError, TypeError):
+        return f"error {response.status_code}: {response.text[:500]}"

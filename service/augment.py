@@ -41,23 +41,25 @@ class Augmenter:
         if not passages:
             return _route(adapter, [], f"{_model_reason(adapter)}; rag=on: no passage matched")
         budget = payload.get("max_tokens") or self._answer_tokens
-        fitted = await self._fit(base_model, payload["messages"], passages, budget)
+        fitted, messages = await self._fit(base_model, payload["messages"], passages, budget)
         if not fitted:
             return _route(adapter, [], f"{_model_reason(adapter)}; rag=on: no source fits the context window")
-        payload["messages"] = with_sources(payload["messages"], fitted)
+        payload["messages"] = messages
         trimmed = f", {len(passages) - len(fitted)} trimmed to fit" if len(fitted) < len(passages) else ""
         return _route(adapter, fitted, f"{_model_reason(adapter)}; rag=on: {len(fitted)} sources{trimmed}")
 
     async def _fit(
         self, model: str, messages: list[dict[str, Any]], passages: Sequence[Passage], answer_tokens: int
-    ) -> list[Passage]:
+    ) -> tuple[list[Passage], list[dict[str, Any]]]:
+        """The passages kept, and the messages with their block (the ones that were measured)."""
         kept = list(passages)
         while kept:
-            size = await self._engine.count_prompt_tokens(model, with_sources(messages, kept))
+            augmented = with_sources(messages, kept)
+            size = await self._engine.count_prompt_tokens(model, augmented)
             if size.max_model_len is None or size.count + answer_tokens <= size.max_model_len:
-                return kept
+                return kept, augmented
             kept.pop()
-        return kept
+        return kept, messages
 
 
 def _route(adapter: str | None, passages: Sequence[Passage], reason: str) -> Route:

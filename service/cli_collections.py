@@ -21,7 +21,7 @@ import httpx
 from tqdm import tqdm
 
 from index.loaders import SUPPORTED_EXTENSIONS
-from service.admin_client import admin_client, report
+from service.admin_client import admin_client, error_message, report
 
 
 def add_parsers(commands: Any) -> None:
@@ -87,7 +87,7 @@ def _ingest(args: argparse.Namespace) -> int:
             bar.update(path.stat().st_size)
             if response.status_code >= 400:
                 failed += 1
-                bar.write(f"{source}: {_message(response)}")
+                bar.write(f"{source}: {error_message(response)}")
                 continue
             result = response.json()
             documents += result["documents"]
@@ -112,13 +112,6 @@ def _upload(
             files={"file": (source, handle, content_type)},
             data=data,
         )
-
-
-def _message(response: httpx.Response) -> str:
-    try:
-        return f"error {response.status_code}: {response.json()['error']['message']}"
-    except (ValueError, KeyError, TypeError):
-        return f"error {response.status_code}: {response.text[:300]}"
 
 
 def _list(args: argparse.Namespace) -> int:

@@ -10,6 +10,8 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from index.chunking import ChunkingPolicy
+
 VLLM_LORA_RANKS = frozenset({1, 8, 16, 32, 64, 128, 256, 320, 512})
 
 
@@ -171,9 +173,9 @@ class Settings(BaseSettings):
         return value
 
     @model_validator(mode="after")
-    def _overlap_under_half_a_chunk(self) -> Settings:
-        if 2 * self.chunk_overlap_tokens >= self.chunk_tokens:
-            raise ValueError("chunk_overlap_tokens must be under half of chunk_tokens")
+    def _a_valid_chunking_policy(self) -> Settings:
+        # The policy's own check, at start-up rather than when the index is first built.
+        ChunkingPolicy(self.chunk_tokens, self.chunk_overlap_tokens)
         return self
 
     @property
