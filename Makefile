@@ -38,6 +38,8 @@ bench: setup
 	$(BIN)/python -m bench.gateway_overhead
 	$(BIN)/python -m bench.adapters
 	$(BIN)/python -m bench.retrieval
+	$(BIN)/python -m bench.router_speed
+	$(BIN)/hybrid-serve router eval
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

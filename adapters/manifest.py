@@ -35,6 +35,9 @@ class AdapterManifest:
     """Example prompts: the router's domain signal for this adapter."""
     threshold: float | None
     """Routing threshold; None until one is given or fitted."""
+    allow_retrieval: bool
+    """False: requests served by this adapter never get retrieved context (an operator's call,
+    e.g. an adapter whose answers must come from its training alone)."""
     sha256: str
     rank: int
     alpha: float
@@ -52,6 +55,7 @@ class AdapterManifest:
         description: str = "",
         examples: tuple[str, ...] = (),
         threshold: float | None = None,
+        allow_retrieval: bool = True,
         created_at: datetime | None = None,
     ) -> AdapterManifest:
         """The manifest of a freshly validated adapter."""
@@ -60,6 +64,7 @@ class AdapterManifest:
             description=description,
             examples=tuple(examples),
             threshold=threshold,
+            allow_retrieval=allow_retrieval,
             sha256=spec.sha256,
             rank=spec.rank,
             alpha=spec.alpha,
@@ -75,6 +80,7 @@ class AdapterManifest:
             "description": self.description,
             "examples": list(self.examples),
             "threshold": self.threshold,
+            "allow_retrieval": self.allow_retrieval,
             "sha256": self.sha256,
             "rank": self.rank,
             "alpha": self.alpha,
@@ -102,6 +108,10 @@ class AdapterManifest:
         threshold = data.get("threshold")
         if threshold is not None and not (_is_number(threshold) and math.isfinite(threshold)):
             raise ManifestError("threshold is not a number")
+        # Absent from manifests written before routing could forbid retrieval: allowed.
+        allow_retrieval = data.get("allow_retrieval", True)
+        if not isinstance(allow_retrieval, bool):
+            raise ManifestError("allow_retrieval is not a boolean")
         alpha = data.get("alpha")
         if not _is_number(alpha):
             raise ManifestError("alpha is not a number")
@@ -110,6 +120,7 @@ class AdapterManifest:
             description=_typed(data, "description", str),
             examples=_strings(data, "examples"),
             threshold=None if threshold is None else float(threshold),
+            allow_retrieval=allow_retrieval,
             sha256=_typed(data, "sha256", str),
             rank=_typed(data, "rank", int),
             alpha=float(alpha),

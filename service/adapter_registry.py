@@ -9,7 +9,9 @@ names proceed in parallel.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
+import dataclasses
 import logging
 from collections import defaultdict
 from collections.abc import Callable
@@ -19,7 +21,7 @@ from typing import TypeVar
 
 from adapters.config import rebase_config
 from adapters.errors import AdapterExistsError, AdapterValidationError
-from adapters.manifest import AdapterManifest
+from adapters.manifest import CONFIG_FILE, WEIGHTS_FILE, AdapterManifest
 from adapters.store import AdapterRecord, AdapterStore
 from adapters.validation import BaseModelInfo, validate_adapter, validate_name
 from service.catalog import AUTO
@@ -45,7 +47,36 @@ class Registration:
     description: str = ""
     examples: tuple[str, ...] = ()
     threshold: float | None = None
+    allow_retrieval: bool = True
     replace: bool = False
+
+
+@dataclass(frozen=True)
+class RoutingUpdate:
+    """New values for the routing fields of a manifest; None leaves a field as it is (a
+    threshold is cleared with ``clear_threshold``)."""
+
+    description: str | None = None
+    examples: tuple[str, ...] | None = None
+    threshold: float | None = None
+    clear_threshold: bool = False
+    allow_retrieval: bool | None = None
+
+    def apply(self, manifest: AdapterManifest) -> AdapterManifest:
+        threshold = (
+            None
+            if self.clear_threshold
+            else (manifest.threshold if self.threshold is None else self.threshold)
+        )
+        return dataclasses.replace(
+            manifest,
+            description=manifest.description if self.description is None else self.description,
+            examples=manifest.examples if self.examples is None else self.examples,
+            threshold=threshold,
+            allow_retrieval=manifest.allow_retrieval
+            if self.allow_retrieval is None
+            else self.allow_retrieval,
+        )
 
 
 class AdapterRegistry:
@@ -67,6 +98,7 @@ class AdapterRegistry:
         self._names: frozenset[str] = frozenset(r.name for r in store.list())
         self._loaded: set[str] = set()
         self._reconciled = asyncio.Event()
+        self._generation = 0
 
     # -- what chat requests ask
 
@@ -75,11 +107,20 @@ class AdapterRegistry:
 
     def check_servable(self, name: str) -> None:
         """503 while the engine (re)loads a registered adapter, rather than a misleading 404."""
-        if not self._reconciled.is_set() or name not in self._loaded:
+        if not self.is_servable(name):
             raise EngineUnavailableError(
                 f"The adapter '{name}' is being loaded into the engine; retry shortly.",
                 retry_after_s=self._retry_after_s,
             )
+
+    def is_servable(self, name: str) -> bool:
+        return self._reconciled.is_set() and name in self._loaded
+
+    @property
+    def generation(self) -> int:
+        """Changes whenever an adapter or its manifest may have changed (the router rebuilds
+        its view then)."""
+        return self._generation
 
     @property
     def reconciled(self) -> bool:
@@ -98,6 +139,9 @@ class AdapterRegistry:
 
     def list(self) -> list[AdapterRecord]:
         return self._store.list()
+
+    def manifests(self) -> builtins.list[AdapterManifest]:
+        return [record.manifest for record in self._store.list()]
 
     def get(self, name: str) -> AdapterRecord:
         record = self._store.get(name)
@@ -120,6 +164,7 @@ class AdapterRegistry:
             description=registration.description,
             examples=registration.examples,
             threshold=registration.threshold,
+            allow_retrieval=registration.allow_retrieval,
         )
         # vLLM's filesystem resolver (many replicas) loads an adapter only when its config
         # names the served id, whichever alias it was made with.
@@ -149,6 +194,7 @@ class AdapterRegistry:
                 raise
             self._loaded.add(name)
             self._names = self._names | {name}
+            self._generation += 1
             logger.info("adapter %s %s (rank %d)", name, "replaced" if previous else "registered", spec.rank)
             return record
 
@@ -158,10 +204,36 @@ class AdapterRegistry:
                 raise NotFoundError(f"No adapter named '{name}'.", param="name", code="adapter_not_found")
             self._names = self._names - {name}
             self._loaded.discard(name)
+            self._generation += 1
             # Gone from the store: if the engine is down, the next reconciliation will not load it.
             with contextlib.suppress(EngineUnavailableError):
                 await self._engine.unload_adapter(name)
             logger.info("adapter %s deleted", name)
+
+    async def update(self, name: str, update: RoutingUpdate) -> AdapterRecord:
+        """Change the routing fields of an adapter's manifest (``router fit`` stores thresholds
+        this way). Stored versions are never edited: the same weights and config are stored
+        again with the new manifest and swapped in, like a replacement."""
+        async with self._locks[name]:
+            current = self.get(name)
+            manifest = update.apply(current.manifest)
+            if manifest == current.manifest:
+                return current
+            config = await asyncio.to_thread((current.path / CONFIG_FILE).read_bytes)
+            record = await asyncio.to_thread(
+                self._store.put, name, config, current.path / WEIGHTS_FILE, manifest, replace=True
+            )
+            try:
+                # The engine loads by version directory, and the superseded one is pruned by
+                # the next change: point the engine at the new one now.
+                await self._engine.load_adapter(name, str(record.path), replace=True)
+            except APIError:
+                await asyncio.to_thread(self._store.revert, name, current)
+                raise
+            self._loaded.add(name)
+            self._generation += 1
+            logger.info("adapter %s: routing fields updated (threshold %s)", name, manifest.threshold)
+            return record
 
     async def reconcile(self) -> None:
         """Make the engine's adapters equal to the store's: load the missing, reload those it
@@ -185,6 +257,7 @@ class AdapterRegistry:
                 except APIError as exc:
                     logger.error("adapter %s could not be reconciled: %s", name, exc.message)
         self._names = frozenset(record.name for record in await asyncio.to_thread(self._store.list))
+        self._generation += 1
         self._reconciled.set()
         logger.info("engine reconciled with the store: %d adapters loaded", len(self._loaded))
 

@@ -22,7 +22,7 @@ from adapters.errors import AdapterValidationError
 from adapters.manifest import CONFIG_FILE, WEIGHTS_FILE
 from adapters.store import AdapterRecord
 from adapters.validation import resolve_import_path
-from service.adapter_registry import AdapterRegistry, AdapterSource, Registration
+from service.adapter_registry import AdapterRegistry, AdapterSource, Registration, RoutingUpdate
 from service.errors import AuthenticationError, InvalidRequestError, PermissionDeniedError
 from service.parsing import invalid_request, parse_json_body
 from service.settings import Settings
@@ -55,19 +55,52 @@ RegistryDep = Annotated[AdapterRegistry, Depends(_registry)]
 router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)], tags=["admin"])
 
 
+Description = Annotated[str, Field(max_length=2000)]
+Examples = Annotated[list[Annotated[str, Field(max_length=2000)]], Field(max_length=200)]
+Threshold = Annotated[float, Field(ge=-1.0, le=1.0)]
+
+
 class RegisterAdapter(BaseModel):
     """A registration naming a server-side directory under ``HYBRID_ADAPTER_IMPORT_DIR``."""
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
     name: str
     path: str
-    description: Annotated[str, Field(max_length=2000)] = ""
-    examples: Annotated[list[Annotated[str, Field(max_length=2000)]], Field(max_length=200)] = []
-    threshold: Annotated[float, Field(ge=-1.0, le=1.0)] | None = None
+    description: Description = ""
+    examples: Examples = []
+    threshold: Threshold | None = None
+    allow_retrieval: bool = True
     replace: bool = False
 
     def registration(self) -> Registration:
-        return Registration(self.name, self.description, tuple(self.examples), self.threshold, self.replace)
+        return Registration(
+            self.name,
+            self.description,
+            tuple(self.examples),
+            self.threshold,
+            self.allow_retrieval,
+            self.replace,
+        )
+
+
+class UpdateAdapter(BaseModel):
+    """New routing fields for a registered adapter; a field left out is left as it is, and
+    ``"threshold": null`` goes back to the default threshold."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    description: Description | None = None
+    examples: Examples | None = None
+    threshold: Threshold | None = None
+    allow_retrieval: bool | None = None
+
+    def update(self) -> RoutingUpdate:
+        return RoutingUpdate(
+            description=self.description,
+            examples=None if self.examples is None else tuple(self.examples),
+            threshold=self.threshold,
+            clear_threshold="threshold" in self.model_fields_set and self.threshold is None,
+            allow_retrieval=self.allow_retrieval,
+        )
 
 
 @router.post("/adapters", status_code=201)
@@ -98,6 +131,12 @@ async def get_adapter(name: str, registry: RegistryDep) -> dict[str, Any]:
     return adapter_json(registry.get(name))
 
 
+@router.patch("/adapters/{name}")
+async def update_adapter(name: str, request: Request, registry: RegistryDep) -> dict[str, Any]:
+    body = await parse_json_body(request, UpdateAdapter)
+    return adapter_json(await registry.update(name, body.update()))
+
+
 @router.delete("/adapters/{name}", status_code=204)
 async def delete_adapter(name: str, registry: RegistryDep) -> Response:
     await registry.delete(name)
@@ -112,6 +151,7 @@ def adapter_json(record: AdapterRecord) -> dict[str, Any]:
         "description": manifest.description,
         "examples": list(manifest.examples),
         "threshold": manifest.threshold,
+        "allow_retrieval": manifest.allow_retrieval,
         "sha256": manifest.sha256,
         "rank": manifest.rank,
         "alpha": manifest.alpha,
@@ -173,8 +213,9 @@ async def _from_upload(form: FormData, scratch: Path) -> tuple[Registration, Ada
             fields["examples"] = json.loads(fields["examples"])
         if "threshold" in fields:
             fields["threshold"] = float(fields["threshold"])
-        if "replace" in fields:
-            fields["replace"] = fields["replace"].lower() in {"1", "true", "yes"}
+        for flag in ("replace", "allow_retrieval"):
+            if flag in fields:
+                fields[flag] = fields[flag].lower() in {"1", "true", "yes"}
     except (ValueError, json.JSONDecodeError) as exc:
         raise InvalidRequestError(f"A form field is malformed: {exc}.", param=None) from None
     try:

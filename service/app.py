@@ -18,7 +18,7 @@ from service import __version__
 from service.adapter_registry import AdapterRegistry
 from service.admin import router as admin_router
 from service.admin_collections import router as collections_router
-from service.augment import Augmenter
+from service.admin_router import router as routing_admin
 from service.bundled_model import HF_ID, SERVED_NAME, ensure_bundled_model
 from service.catalog import ModelCatalog
 from service.chat import ChatService
@@ -30,6 +30,7 @@ from service.launcher import EngineSupervisor, vllm_command, vllm_environment
 from service.limits import RequestLimits
 from service.metrics import Metrics
 from service.middleware import BodySizeLimit, RequestContext
+from service.router import Router
 from service.routes import router
 from service.settings import Settings, get_settings
 
@@ -52,6 +53,7 @@ def build_app(settings: Settings | None = None) -> FastAPI:
     if settings.admin_token is not None:
         app.include_router(admin_router)
         app.include_router(collections_router)
+        app.include_router(routing_admin)
     install_error_handlers(app, metrics)
     routes = frozenset(getattr(route, "path", "") for route in app.routes)
     # Added last = outermost: every response, a 413 from the size limit included, gets a
@@ -122,8 +124,14 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         knowledge = await asyncio.to_thread(Knowledge.from_settings, settings)
         app.state.knowledge = knowledge
         knowledge.start_warm_up()
-        augmenter = Augmenter(
-            knowledge, engine, top_k=settings.rag_top_k, answer_tokens=settings.rag_answer_tokens
+        app.state.router = Router(
+            knowledge.embedder,
+            knowledge.retriever,
+            registry,
+            top_k=settings.rag_top_k,
+            default_threshold=settings.router_threshold,
+            rag_threshold=settings.rag_threshold,
+            retry_after_s=settings.retry_after_s,
         )
         app.state.chat = ChatService(
             engine,
@@ -131,8 +139,9 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
             RequestLimits.from_settings(settings),
             metrics,
             registry,
-            augmenter,
+            app.state.router,
             attach_citations=settings.rag_citations == "attach",
+            answer_tokens=settings.rag_answer_tokens,
         )
         yield
     finally:

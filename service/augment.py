@@ -1,5 +1,5 @@
-"""Retrieval-augmented requests: retrieve, fit the sources into the context window, and say
-what was done in a :class:`~service.protocol.Route`.
+"""Retrieval-augmented requests: fit the router's passages into the context window and say what
+was done in the :class:`~service.protocol.RouteDecision`.
 
 Sources are trimmed from the end (the weakest first) until the prompt, with the room asked for
 the answer (``max_tokens``, else ``HYBRID_RAG_ANSWER_TOKENS``), fits the model's context
@@ -13,40 +13,32 @@ from collections.abc import Sequence
 from typing import Any
 
 from index.retrieval import Passage
-from service.context_block import defuse, query_text, with_sources
+from service.context_block import defuse, with_sources
 from service.engine import Engine
-from service.knowledge import Knowledge
-from service.protocol import ChatCompletionRequest, RagRoute, Route, RouteSource
+from service.protocol import RagRoute, RouteDecision, RouteScores, RouteSource
+from service.router import Decision
 
 logger = logging.getLogger(__name__)
 
 
 class Augmenter:
-    def __init__(self, knowledge: Knowledge, engine: Engine, *, top_k: int, answer_tokens: int) -> None:
-        self._knowledge = knowledge
+    def __init__(self, engine: Engine, *, answer_tokens: int) -> None:
         self._engine = engine
-        self._top_k = top_k
         self._answer_tokens = answer_tokens
 
-    async def apply(
-        self, request: ChatCompletionRequest, payload: dict[str, Any], adapter: str | None, base_model: str
-    ) -> Route:
-        """Add the context block to ``payload`` when the request asks for retrieval. Prompts are
-        measured with ``base_model``'s tokenizer, which its adapters share."""
-        if request.rag != "on":
-            why = "rag=off" if request.rag == "off" else "rag=auto: no retrieval unless rag=on"
-            return _route(adapter, [], f"{_model_reason(adapter)}; {why}")
-        query = query_text(payload["messages"])
-        passages = await self._knowledge.retrieve(query, self._top_k) if query.strip() else []
-        if not passages:
-            return _route(adapter, [], f"{_model_reason(adapter)}; rag=on: no passage matched")
+    async def apply(self, decision: Decision, payload: dict[str, Any], base_model: str) -> RouteDecision:
+        """Add the context block of ``decision``'s passages to ``payload``. Prompts are measured
+        with ``base_model``'s tokenizer, which its adapters share."""
+        if not decision.passages:
+            return route_of(decision, [], decision.reason)
         budget = payload.get("max_tokens") or self._answer_tokens
-        fitted, messages = await self._fit(base_model, payload["messages"], passages, budget)
+        fitted, messages = await self._fit(base_model, payload["messages"], decision.passages, budget)
         if not fitted:
-            return _route(adapter, [], f"{_model_reason(adapter)}; rag=on: no source fits the context window")
+            return route_of(decision, [], f"{decision.reason}; no source fits the context window")
         payload["messages"] = messages
-        trimmed = f", {len(passages) - len(fitted)} trimmed to fit" if len(fitted) < len(passages) else ""
-        return _route(adapter, fitted, f"{_model_reason(adapter)}; rag=on: {len(fitted)} sources{trimmed}")
+        trimmed = len(decision.passages) - len(fitted)
+        reason = f"{decision.reason}, {trimmed} trimmed to fit" if trimmed else decision.reason
+        return route_of(decision, fitted, reason)
 
     async def _fit(
         self, model: str, messages: list[dict[str, Any]], passages: Sequence[Passage], answer_tokens: int
@@ -62,7 +54,8 @@ class Augmenter:
         return kept, messages
 
 
-def _route(adapter: str | None, passages: Sequence[Passage], reason: str) -> Route:
+def route_of(decision: Decision, passages: Sequence[Passage], reason: str) -> RouteDecision:
+    """The public form of a decision, with the passages the model was given."""
     sources = [
         RouteSource(
             id=number,
@@ -76,8 +69,9 @@ def _route(adapter: str | None, passages: Sequence[Passage], reason: str) -> Rou
         )
         for number, passage in enumerate(passages, start=1)
     ]
-    return Route(adapter=adapter, rag=RagRoute(used=bool(sources), sources=sources), reason=reason)
-
-
-def _model_reason(adapter: str | None) -> str:
-    return f"model names adapter {adapter!r}" if adapter else "base model"
+    return RouteDecision(
+        adapter=decision.adapter,
+        rag=RagRoute(used=bool(sources), sources=sources),
+        scores=RouteScores(adapters=decision.adapter_scores, retrieval=decision.retrieval_score),
+        reason=reason,
+    )

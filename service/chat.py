@@ -12,14 +12,15 @@ from pydantic import ValidationError
 
 from service.adapter_registry import AdapterRegistry
 from service.augment import Augmenter
-from service.catalog import ModelCatalog
+from service.catalog import AUTO, ModelCatalog
 from service.citations import Citations
 from service.context_block import query_text
 from service.engine import Engine, EngineStream
 from service.errors import APIError, NotFoundError, UpstreamError
 from service.limits import RequestLimits
 from service.metrics import Metrics
-from service.protocol import ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, RagRoute, Route
+from service.protocol import ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, RouteDecision
+from service.router import Decision, Pin, Router
 
 logger = logging.getLogger(__name__)
 
@@ -34,38 +35,54 @@ class ChatService:
         limits: RequestLimits,
         metrics: Metrics,
         adapters: AdapterRegistry | None = None,
-        augmenter: Augmenter | None = None,
+        router: Router | None = None,
         *,
         attach_citations: bool = True,
+        answer_tokens: int = 512,
     ) -> None:
         self._engine = engine
         self._catalog = catalog
         self._limits = limits
         self._metrics = metrics
         self._adapters = adapters
-        self._augmenter = augmenter
+        self._router = router
+        self._augmenter = Augmenter(engine, answer_tokens=answer_tokens)
         self._attach_citations = attach_citations
 
-    async def _resolve(self, requested: str) -> tuple[str, str | None]:
-        """The engine model id, and the adapter's name when the request names one."""
+    async def _resolve(self, requested: str) -> tuple[str, Pin | None]:
+        """The base model's engine id, and what the request's ``model`` pins (None: ``auto``)."""
+        base = await self._catalog.resolve(AUTO)
+        if requested == AUTO:
+            return base, None
         if self._adapters is not None and self._adapters.is_registered(requested):
             self._adapters.check_servable(requested)
-            return requested, requested
-        return await self._catalog.resolve(requested), None
+            return base, Pin(requested)
+        await self._catalog.resolve(requested)  # 404 for a model that does not exist
+        return requested, Pin(None)
 
-    async def _prepare(self, request: ChatCompletionRequest) -> tuple[str, dict[str, Any], Route]:
+    async def _prepare(self, request: ChatCompletionRequest) -> tuple[str, dict[str, Any], RouteDecision]:
         self._limits.check(request)
-        model, adapter = await self._resolve(request.model)
-        payload = request.engine_payload(model)
-        if self._augmenter is not None:
-            base_model = self._catalog.base_model or model
-            route = await self._augmenter.apply(request, payload, adapter, base_model)
+        base, pin = await self._resolve(request.model)
+        messages = request.engine_payload(base)["messages"]
+        if self._router is not None:
+            decision = await self._router.decide(messages, pin=pin, rag=request.rag)
         else:
-            route = Route(adapter=adapter, rag=RagRoute(used=False), reason="retrieval is not configured")
+            adapter = pin.adapter if pin is not None else None
+            decision = Decision(adapter, [], {}, None, "routing is not configured")
+        model = decision.adapter or base
+        payload = request.engine_payload(model)
+        route = await self._augmenter.apply(decision, payload, base)
+        logger.info("route %s: %s", route.header(), route.reason)
         return model, payload, route
+
+    async def explain(self, request: ChatCompletionRequest) -> RouteDecision:
+        """The decision a chat request would get, without generating."""
+        _, _, route = await self._prepare(request)
+        return route
 
     async def complete(self, request: ChatCompletionRequest) -> ChatCompletion:
         model, payload, route = await self._prepare(request)
+        self._metrics.count_route(route)
         try:
             completion = await self._engine.chat(payload)
         except NotFoundError:
@@ -81,6 +98,7 @@ class ChatService:
         """Open the upstream stream before answering, so that the engine's refusals (context
         too long, unknown model) are plain HTTP errors rather than events in a 200 stream."""
         model, payload, route = await self._prepare(request)
+        self._metrics.count_route(route)
         # Usage is always asked of the engine (for the token metrics); the client sees it
         # only if it asked too.
         payload["stream_options"] = {"include_usage": True}
@@ -99,7 +117,7 @@ class ChatService:
             citations=self._citations(route, payload),
         )
 
-    def _citations(self, route: Route, payload: dict[str, Any]) -> Citations | None:
+    def _citations(self, route: RouteDecision, payload: dict[str, Any]) -> Citations | None:
         if not self._attach_citations or not route.rag.used:
             return None
         return Citations([source.text for source in route.rag.sources], query_text(payload["messages"]))
@@ -117,7 +135,7 @@ class ChatStream:
         model: str,
         wants_usage: bool,
         metrics: Metrics,
-        route: Route,
+        route: RouteDecision,
         citations: Citations | None = None,
     ) -> None:
         self._upstream = upstream

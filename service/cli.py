@@ -1,5 +1,6 @@
 """``hybrid-serve``: the command line. ``serve`` runs the gateway; ``model`` materialises the
-bundled model; ``adapters``, ``ingest`` and ``collections`` drive the admin API."""
+bundled model and the embedder's ONNX export; ``adapters``, ``ingest`` and ``collections`` drive
+the admin API."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from service import cli_adapters, cli_collections
+from service import cli_adapters, cli_collections, cli_router
 from service.settings import Settings
 
 
@@ -28,13 +29,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve.set_defaults(handler=_serve)
 
     model = commands.add_parser(
-        "model", help="build the bundled model once (verified by checksum) and print its directory"
+        "model",
+        help="build the bundled model and the embedder's ONNX export once (verified by checksum) "
+        "and print the model's directory",
     )
     model.add_argument("--cache-dir", help="where to build it (HYBRID_CACHE_DIR)")
     model.set_defaults(handler=_model)
 
     cli_adapters.add_parser(commands)
     cli_collections.add_parsers(commands)
+    cli_router.add_parser(commands)
 
     args = parser.parse_args(argv)
     code: int = args.handler(args)
@@ -73,8 +77,24 @@ def _model(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     settings = _settings(cache_dir=Path(args.cache_dir) if args.cache_dir else None)
-    print(ensure_bundled_model(settings.cache_dir).path)
+    bundled = ensure_bundled_model(settings.cache_dir)
+    if settings.embedder_backend == "onnx":
+        _embedder_export(settings)
+    print(bundled.path)  # stdout is the model directory alone; the rest is logged
     return 0
+
+
+def _embedder_export(settings: Settings) -> None:
+    """The embedder's ONNX export, made here so that serving never waits for it."""
+    from index.embedder import bundled_embedder_path
+    from index.onnx_embedder import UnsupportedModelError, ensure_onnx_model
+
+    log = logging.getLogger("hybrid-serve.model")
+    source = settings.embedder_dir or bundled_embedder_path()
+    try:
+        log.info("embedder ONNX export at %s", ensure_onnx_model(source, settings.cache_dir))
+    except UnsupportedModelError as error:
+        log.warning("%s; the embedder will run on torch", error)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,11 @@ def add_parser(commands: Any) -> None:
         "--example", action="append", default=[], dest="examples", help="an example prompt (repeat)"
     )
     add.add_argument("--threshold", type=float)
+    add.add_argument(
+        "--no-retrieval",
+        action="store_true",
+        help="requests this adapter serves never get retrieved context",
+    )
     add.add_argument("--replace", action="store_true", help="swap an existing adapter of that name")
     add.set_defaults(handler=_add)
 
@@ -50,6 +55,7 @@ def _add(args: argparse.Namespace) -> int:
         "description": args.description,
         "examples": args.examples,
         "replace": args.replace,
+        "allow_retrieval": not args.no_retrieval,
     }
     if args.threshold is not None:
         fields["threshold"] = args.threshold

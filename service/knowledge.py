@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import logging
 import threading
-import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
@@ -28,7 +27,7 @@ from index.errors import (
 from index.ingest import Ingestor, IngestResult
 from index.lexical import LexicalIndex
 from index.loaders import load_file
-from index.retrieval import Passage, Retriever
+from index.retrieval import Retriever
 from index.store import ChunkStore, CollectionInfo, http_client, persistent_client
 from service.errors import (
     APIError,
@@ -70,8 +69,9 @@ class Knowledge:
         retry_after_s: int,
     ) -> None:
         self._store = store
+        self.embedder = embedder
         self._ingestor = Ingestor(store, embedder, policy)
-        self._retriever = retriever
+        self.retriever = retriever
         self._retry_after_s = retry_after_s
 
     @classmethod
@@ -79,7 +79,11 @@ class Knowledge:
         """Blocking (loads the embedder, opens chromadb): call it in a thread."""
         policy = ChunkingPolicy(settings.chunk_tokens, settings.chunk_overlap_tokens)
         embedder = load_embedder(
-            settings.embedder_dir, batch_size=settings.embedder_batch_size, threads=settings.embedder_threads
+            settings.embedder_dir,
+            batch_size=settings.embedder_batch_size,
+            threads=settings.embedder_threads,
+            backend=settings.embedder_backend,
+            cache_dir=settings.cache_dir,
         )
         if settings.chroma_url is not None:
             client = http_client(settings.chroma_url)
@@ -96,7 +100,7 @@ class Knowledge:
 
         def warm_up() -> None:
             try:
-                self._retriever.warm_up()
+                self.retriever.warm_up()
             except Exception:
                 # Queries build what is missing on their own; this was only a head start.
                 logger.exception("warming up the lexical indexes failed")
@@ -134,15 +138,7 @@ class Knowledge:
 
     async def delete_collection(self, collection: str) -> None:
         await self._run(lambda: self._ingestor.delete_collection(collection))
-        self._retriever.forget(collection)
-
-    async def retrieve(self, query: str, k: int) -> list[Passage]:
-        started = time.perf_counter()
-        passages = await self._run(lambda: self._retriever.retrieve(query, k))
-        logger.debug(
-            "retrieved %d passages in %.1f ms", len(passages), 1000 * (time.perf_counter() - started)
-        )
-        return passages
+        self.retriever.forget(collection)
 
     async def _run(self, work: Callable[[], T]) -> T:
         with self._translated():

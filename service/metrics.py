@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
-from service.protocol import Usage
+from service.protocol import RouteDecision, Usage
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
@@ -37,6 +37,12 @@ class Metrics:
             ["type", "code"],
             registry=self.registry,
         )
+        self.routes = Counter(
+            "hybrid_routes",
+            "Chat requests by route kind (base, adapter, base+rag, adapter+rag) and adapter.",
+            ["kind", "adapter"],
+            registry=self.registry,
+        )
         self.engine_restarts = Counter(
             "hybrid_engine_restarts", "Restarts of the supervised engine.", registry=self.registry
         )
@@ -45,6 +51,9 @@ class Metrics:
         if usage is not None:
             self.tokens.labels("prompt", model).inc(usage.prompt_tokens)
             self.tokens.labels("completion", model).inc(usage.completion_tokens)
+
+    def count_route(self, route: RouteDecision) -> None:
+        self.routes.labels(route.kind, route.adapter or "").inc()
 
     def count_error(self, error_type: str, code: str | None) -> None:
         self.errors.labels(error_type, code or "").inc()

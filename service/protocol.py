@@ -118,7 +118,7 @@ class ChatCompletionRequest(_Request):
     user: Annotated[str, Field(max_length=256)] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    # hybrid-serve extension: retrieval-augmented answer (see Route below)
+    # hybrid-serve extension: retrieval-augmented answer (see RouteDecision below)
     rag: Literal["auto", "on", "off"] = "auto"
 
     def engine_payload(self, engine_model: str) -> dict[str, Any]:
@@ -215,13 +215,30 @@ class RagRoute(_Wire):
     sources: list[RouteSource] = Field(default_factory=list)
 
 
-class Route(_Wire):
-    """How a request was answered: which adapter, which sources, and why."""
+class RouteScores(_Wire):
+    """The signals a decision was made from: each adapter's similarity to the query (its best
+    example or description), and the best retrieved passage's (None: nothing was searched)."""
 
+    keep_null: ClassVar[frozenset[str]] = frozenset({"retrieval"})
+    adapters: dict[str, float] = Field(default_factory=dict)
+    retrieval: float | None = None
+
+
+class RouteDecision(_Wire):
+    """How a request was answered: which adapter (None: the base model), which sources, and
+    why. Frozen: it is made once per request and then only read."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
     keep_null: ClassVar[frozenset[str]] = frozenset({"adapter"})
     adapter: str | None = None
     rag: RagRoute
+    scores: RouteScores = Field(default_factory=RouteScores)
     reason: str
+
+    @property
+    def kind(self) -> str:
+        """``base``, ``adapter``, ``base+rag`` or ``adapter+rag`` (the metrics label)."""
+        return ("adapter" if self.adapter else "base") + ("+rag" if self.rag.used else "")
 
     def header(self) -> str:
         """The ``X-Route`` header: the decision in one line, for logs and proxies."""
@@ -237,7 +254,7 @@ class ChatCompletion(_Wire):
     choices: list[Choice]
     usage: Usage | None = None
     system_fingerprint: str | None = None
-    route: Route | None = None  # hybrid-serve extension
+    route: RouteDecision | None = None  # hybrid-serve extension
 
 
 class Delta(_Wire):
@@ -262,7 +279,7 @@ class ChatCompletionChunk(_Wire):
     choices: list[ChunkChoice]
     usage: Usage | None = None
     system_fingerprint: str | None = None
-    route: Route | None = None  # hybrid-serve extension: on the first chunk only
+    route: RouteDecision | None = None  # hybrid-serve extension: on the first chunk only
 
 
 class ModelCard(_Wire):

@@ -37,7 +37,7 @@ class Settings(BaseSettings):
     )
     cache_dir: Path = Field(
         default_factory=lambda: _home(".cache", "hybrid-serve"),
-        description="Regenerable files: the converted bundled model.",
+        description="Regenerable files: the converted bundled model, the embedder's ONNX export.",
     )
 
     # -- the engine
@@ -112,13 +112,34 @@ class Settings(BaseSettings):
     )
     embedder_batch_size: int = Field(32, ge=1, le=1024, description="Chunks embedded per forward pass.")
     embedder_threads: int | None = Field(
-        None, ge=1, description="CPU threads of the embedder; unset: torch's default."
+        None, ge=1, description="CPU threads of the embedder; unset: the backend's default."
+    )
+    embedder_backend: Literal["onnx", "torch"] = Field(
+        "onnx",
+        description="`onnx`: ONNX Runtime on an export of the model made once under CACHE_DIR (same "
+        "vectors, about three times faster on a short query; a model it cannot export runs on torch); "
+        "`torch`: sentence-transformers on PyTorch.",
     )
     chunk_tokens: int = Field(200, ge=16, description="Chunk size, in the embedder's tokens.")
     chunk_overlap_tokens: int = Field(32, ge=0, description="Tokens shared by consecutive chunks.")
     retrieval_mode: Literal["hybrid", "dense"] = Field(
         "hybrid",
         description="`hybrid`: dense search fused with BM25 by reciprocal rank; `dense`: vectors only.",
+    )
+    router_threshold: float = Field(
+        0.45,
+        ge=-1.0,
+        le=1.0,
+        description="`auto` picks an adapter when the query's similarity to one of its example prompts "
+        "(or its description) reaches this, unless the adapter has a fitted threshold "
+        "(`hybrid-serve router fit`).",
+    )
+    rag_threshold: float = Field(
+        0.45,
+        ge=-1.0,
+        le=1.0,
+        description="With `rag: auto`, retrieved passages at or above this cosine similarity to the query "
+        "are added (for an adapter, only those of volatile collections).",
     )
     rag_top_k: int = Field(4, ge=1, le=32, description="Passages put in the context block.")
     rag_answer_tokens: int = Field(

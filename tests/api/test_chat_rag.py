@@ -92,10 +92,10 @@ async def test_rag_on_gives_the_engine_the_sources_in_a_system_message(
     body = response.json()
     assert_conforms("CreateChatCompletionResponse", body)
     route = body["route"]
-    assert set(route) == {"adapter", "rag", "reason"}
+    assert set(route) == {"adapter", "rag", "scores", "reason"}
     assert route["adapter"] is None
     assert isinstance(route["reason"], str)
-    assert "rag=on: 3 sources" in route["reason"]
+    assert "rag=on: 3 passages" in route["reason"]
     assert route["rag"]["used"] is True
     sources = route["rag"]["sources"]
     assert [source["id"] for source in sources] == [1, 2, 3]
@@ -200,17 +200,14 @@ async def test_sources_from_several_collections_are_given_together(
     ]
 
 
-# ---------------------------------------------------------------------------- rag off / auto
+# ---------------------------------------------------------------------------- rag off
 
 
-@pytest.mark.parametrize(
-    ("fields", "why"), [({}, "rag=auto"), ({"rag": "auto"}, "rag=auto"), ({"rag": "off"}, "rag=off")]
-)
-async def test_without_rag_on_no_sources_are_sent(
-    client: httpx.AsyncClient, engine: FakeEngine, handbook: None, fields: dict[str, Any], why: str
+async def test_rag_off_sends_no_sources(
+    client: httpx.AsyncClient, engine: FakeEngine, handbook: None
 ) -> None:
     engine.enqueue_completion()
-    response = await client.post(CHAT, json=chat_body(messages=[QUESTION], **fields))
+    response = await client.post(CHAT, json=chat_body(messages=[QUESTION], rag="off"))
     assert response.status_code == 200, response.text
     assert engine.last_chat_body["messages"] == [QUESTION]
     assert "rag" not in engine.last_chat_body
@@ -218,7 +215,8 @@ async def test_without_rag_on_no_sources_are_sent(
     body = response.json()
     assert_conforms("CreateChatCompletionResponse", body)
     assert body["route"]["rag"] == {"used": False, "sources": []}
-    assert why in body["route"]["reason"]
+    assert body["route"]["scores"]["retrieval"] is None  # nothing was searched
+    assert "rag=off" in body["route"]["reason"]
     assert response.headers["x-route"] == "adapter=none; rag=off; sources=0"
 
 

@@ -206,7 +206,10 @@ async def test_completion_is_normalised_to_openai_schema(
         "route": {
             "adapter": None,
             "rag": {"used": False, "sources": []},
-            "reason": "base model; rag=auto: no retrieval unless rag=on",
+            "scores": {"adapters": {}, "retrieval": None},
+            "reason": (
+                "base model: no adapter has example prompts; no retrieval: the index has no passage for it"
+            ),
         },
     }
     assert response.headers["x-route"] == "adapter=none; rag=off; sources=0"

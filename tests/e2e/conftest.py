@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
 
+import httpx
 import pytest
 
-from tests.harness import ADMIN_TOKEN, MAX_MODEL_LEN, RunningService, ServiceError, running_service
+from tests.harness import (
+    ADMIN_TOKEN,
+    MAX_MODEL_LEN,
+    RunningService,
+    ServiceError,
+    free_port,
+    running_service,
+)
 
 
 @pytest.fixture(scope="session")
@@ -26,3 +39,40 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningService
             yield running
     except ServiceError as exc:
         pytest.fail(str(exc))
+
+
+@dataclass(frozen=True)
+class ChromaServer:
+    url: str
+    process: subprocess.Popen[bytes]
+
+
+@pytest.fixture
+def chroma_server(tmp_path: Path) -> Iterator[ChromaServer]:
+    """``chroma run`` on loopback, as an operator would run it beside several gateways."""
+    port = free_port()
+    chroma = Path(sys.executable).parent / "chroma"
+    log = (tmp_path / "chroma.log").open("wb")
+    process = subprocess.Popen(
+        [str(chroma), "run", "--path", str(tmp_path / "chroma"), "--host", "127.0.0.1", "--port", str(port)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert process.poll() is None, (tmp_path / "chroma.log").read_text()
+            try:
+                if httpx.get(f"{url}/api/v2/heartbeat", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "the Chroma server did not start"
+            time.sleep(0.5)
+        yield ChromaServer(url, process)
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+        log.close()

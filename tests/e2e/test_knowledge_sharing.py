@@ -8,52 +8,18 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.harness import ADMIN_TOKEN, RunningService, free_port, running_service
+from tests.e2e.conftest import ChromaServer
+from tests.harness import ADMIN_TOKEN, RunningService, running_service
 
 pytestmark = pytest.mark.e2e
 
 FACT = "The Zentoria loyalty programme gives 3 points per 17 euros spent."
 QUESTION = "How many points per euros spent does the Zentoria loyalty programme give?"
-
-
-@pytest.fixture
-def chroma_server(tmp_path: Path) -> Iterator[str]:
-    """``chroma run`` on loopback, as an operator would run it beside several gateways."""
-    port = free_port()
-    chroma = Path(sys.executable).parent / "chroma"
-    log = (tmp_path / "chroma.log").open("wb")
-    process = subprocess.Popen(
-        [str(chroma), "run", "--path", str(tmp_path / "chroma"), "--host", "127.0.0.1", "--port", str(port)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert process.poll() is None, (tmp_path / "chroma.log").read_text()
-            try:
-                if httpx.get(f"{url}/api/v2/heartbeat", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "the Chroma server did not start"
-            time.sleep(0.5)
-        yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
-        log.close()
 
 
 def ingest(gateway: RunningService, collection: str, source: str, text: str) -> httpx.Response:
@@ -75,9 +41,9 @@ def retrieved_sources(gateway: RunningService, question: str) -> list[str]:
 
 
 def test_two_gateways_share_a_chroma_server(
-    service: RunningService, chroma_server: str, tmp_path: Path
+    service: RunningService, chroma_server: ChromaServer, tmp_path: Path
 ) -> None:
-    settings = {"admin_token": ADMIN_TOKEN, "chroma_url": chroma_server}
+    settings = {"admin_token": ADMIN_TOKEN, "chroma_url": chroma_server.url}
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     with (
