@@ -42,7 +42,7 @@ def with_sources(messages: list[dict[str, Any]], passages: Sequence[Passage]) ->
     block = render_sources(passages)
     if messages and messages[0]["role"] == "system":
         first = dict(messages[0])
-        first["content"] = _text(first["content"]) + "\n\n" + block
+        first["content"] = message_text(first["content"]) + "\n\n" + block
         return [first, *messages[1:]]
     return [{"role": "system", "content": block}, *messages]
 
@@ -51,11 +51,12 @@ def query_text(messages: Sequence[dict[str, Any]]) -> str:
     """What retrieval searches for: the latest user message."""
     for message in reversed(messages):
         if message["role"] == "user":
-            return _text(message["content"])
+            return message_text(message["content"])
     return ""
 
 
-def _text(content: object) -> str:
+def message_text(content: object) -> str:
+    """A message's text: the string, or its text parts joined by newlines."""
     if isinstance(content, str):
         return content
     if isinstance(content, list):

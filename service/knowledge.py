@@ -78,13 +78,7 @@ class Knowledge:
     def from_settings(cls, settings: Settings) -> Knowledge:
         """Blocking (loads the embedder, opens chromadb): call it in a thread."""
         policy = ChunkingPolicy(settings.chunk_tokens, settings.chunk_overlap_tokens)
-        embedder = load_embedder(
-            settings.embedder_dir,
-            batch_size=settings.embedder_batch_size,
-            threads=settings.embedder_threads,
-            backend=settings.embedder_backend,
-            cache_dir=settings.cache_dir,
-        )
+        embedder = embedder_from_settings(settings)
         if settings.chroma_url is not None:
             client = http_client(settings.chroma_url)
         else:
@@ -161,3 +155,14 @@ class Knowledge:
         except IndexUnavailable as exc:
             logger.error("index unavailable: %s", exc)
             raise IndexUnavailableError(str(exc), retry_after_s=self._retry_after_s) from None
+
+
+def embedder_from_settings(settings: Settings) -> Embedder:
+    """The configured embedder (blocking: loads the model)."""
+    return load_embedder(
+        settings.embedder_dir,
+        batch_size=settings.embedder_batch_size,
+        threads=settings.embedder_threads,
+        backend=settings.embedder_backend,
+        cache_dir=settings.cache_dir,
+    )

@@ -32,6 +32,7 @@ from adapters.manifest import AdapterManifest
 from index.embedder import Embedder, Vectors
 from index.errors import IndexUnavailable
 from index.retrieval import Passage, Retriever
+from service.context_block import message_text
 from service.errors import InvalidRequestError
 from service.knowledge import IndexUnavailableError
 
@@ -117,21 +118,13 @@ def profile_texts(manifest: AdapterManifest) -> tuple[str, ...]:
 
 def routing_query(messages: Sequence[dict[str, Any]]) -> str:
     """The last user message; a short follow-up comes after the end of the one before it."""
-    users = [_text(m.get("content")) for m in messages if m.get("role") == "user"]
+    users = [message_text(m.get("content")) for m in messages if m.get("role") == "user"]
     users = [text for text in users if text.strip()]
     if not users:
         return ""
     if len(users) == 1 or len(users[-1].split()) >= FOLLOW_UP_WORDS:
         return users[-1]
     return f"{users[-2][-CONTEXT_CHARS:]}\n{users[-1]}"
-
-
-def _text(content: object) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "\n".join(str(part.get("text", "")) for part in content if isinstance(part, dict))
-    return ""
 
 
 class Router:

@@ -29,7 +29,8 @@ from typing import Any
 import numpy as np
 
 from adapters.manifest import AdapterManifest
-from index.embedder import Embedder, Vectors, load_embedder
+from index.embedder import Embedder, Vectors
+from service.knowledge import embedder_from_settings
 from service.route_fit import BASE, RoutingScore, Scored, fit_thresholds
 from service.router import Router, profile_texts
 from service.settings import Settings
@@ -280,13 +281,7 @@ def run_evaluation(data: Path | None, out: Path) -> dict[str, Any]:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     settings = Settings()
     folder = data or Path("..") / "shared" / "data" / "clinc150"
-    embedder = load_embedder(
-        settings.embedder_dir,
-        batch_size=settings.embedder_batch_size,
-        threads=settings.embedder_threads,
-        backend=settings.embedder_backend,
-        cache_dir=settings.cache_dir,
-    )
+    embedder = embedder_from_settings(settings)
     report = evaluate(folder, embedder, settings.router_threshold)
     out.mkdir(parents=True, exist_ok=True)
     (out / "router_eval.json").write_text(json.dumps(report, indent=2))

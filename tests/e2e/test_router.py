@@ -20,6 +20,7 @@ import httpx
 import pytest
 
 from service.bundled_model import HF_ID
+from tests.api.test_router import BANKING, COOKING, EGG, SMALL_TALK, TRANSFER
 from tests.e2e.conftest import ChromaServer
 from tests.e2e.test_adapters import upload
 from tests.harness import ADMIN_TOKEN, RunningService, running_service
@@ -27,22 +28,9 @@ from tests.openai_schema import assert_conforms
 
 pytestmark = pytest.mark.e2e
 
-BANKING = [
-    "How do I transfer money to another account?",
-    "What is my checking account balance?",
-    "Freeze my debit card, it was stolen",
-]
-COOKING = [
-    "How long should I boil an egg?",
-    "Give me a recipe for lasagna",
-    "What can I substitute for butter?",
-]
 FACT = "The Quillmoor ferry to Ostrel Island leaves at 7:15am and returns at 2:40pm."
 
-TRANSFER = "Please transfer 200 dollars from my savings account to checking."
-EGG = "How long should I boil an egg for a runny yolk?"
 FERRY = "When does the Quillmoor ferry to Ostrel Island leave?"
-SMALL_TALK = "Hi! How are you doing today?"
 
 
 @pytest.fixture
