@@ -8,6 +8,7 @@ its old name.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import uuid
@@ -68,3 +69,39 @@ def remove_tree(path: Path, scratch_root: Path | None) -> None:
         path.unlink(missing_ok=True)
     else:
         shutil.rmtree(path, ignore_errors=True)
+
+
+CHECKSUM_FILE = "hybrid-serve-checksums.json"
+
+
+def write_checksums(directory: Path, version: int) -> None:
+    """Record the SHA-256 of every file of ``directory`` (a built cache: the bundled model, an
+    ONNX export) in its checksum file, with the format ``version`` of what built it."""
+    sums = {p.name: sha256_file(p) for p in _checksummed_files(directory)}
+    payload = {"format": version, "files": sums}
+    (directory / CHECKSUM_FILE).write_text(json.dumps(payload, indent=2, sort_keys=True))
+
+
+def verify_checksums(directory: Path, version: int, *, required: tuple[str, ...] = ()) -> bool:
+    """True when the checksum file exists, was written for ``version``, lists at least one file
+    (``required`` among them) and matches every file exactly. Anything unreadable counts as a
+    mismatch: the caller rebuilds."""
+    checksum_path = directory / CHECKSUM_FILE
+    if not checksum_path.is_file():
+        return False
+    try:
+        recorded = json.loads(checksum_path.read_text())
+    except (OSError, ValueError):  # ValueError covers bad JSON and bad UTF-8
+        return False
+    if not isinstance(recorded, dict) or recorded.get("format") != version:
+        return False
+    expected = recorded.get("files")
+    if not isinstance(expected, dict) or not expected or not set(required) <= set(expected):
+        return False
+    if set(expected) != {p.name for p in _checksummed_files(directory)}:
+        return False
+    return all(sha256_file(directory / name) == digest for name, digest in expected.items())
+
+
+def _checksummed_files(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.iterdir() if p.is_file() and p.name != CHECKSUM_FILE)

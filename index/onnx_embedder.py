@@ -15,7 +15,6 @@ interrupted export never looks finished), and verified by a checksum file on lat
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import json
 import logging
@@ -32,13 +31,13 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 
+from adapters.durable import sha256_file, verify_checksums, write_checksums
 from index.embedder import Vectors, bundled_embedder_path, embedder_name
 
 logger = logging.getLogger(__name__)
 
 MODEL_FILE = "model.onnx"
 SOURCE_FILE = "hybrid-serve-source.json"
-CHECKSUM_FILE = "hybrid-serve-checksums.json"
 OPSET = 17
 _FORMAT_VERSION = 1  # bump when the export changes, so old caches are rebuilt
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -164,7 +163,7 @@ def ensure_onnx_model(model_dir: Path, cache_dir: Path) -> Path:
     ``model.onnx`` file, under ``cache_dir``), exporting it first if it is missing or fails its
     checksum. Raises :class:`UnsupportedModelError` for a model this backend cannot reproduce."""
     layout = read_layout(model_dir)
-    digest = _sha256(layout.weights)
+    digest = sha256_file(layout.weights)
     target = cache_dir / f"onnx-{embedder_name(model_dir)}-{digest[:12]}"
     if _verify(target):
         return target / MODEL_FILE
@@ -321,39 +320,12 @@ def _session(path: Path, threads: int | None) -> Any:
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def _sha256(path: Path) -> str:
-    with path.open("rb") as file:
-        return hashlib.file_digest(file, "sha256").hexdigest()
-
-
-def _files(directory: Path) -> list[Path]:
-    return sorted(p for p in directory.iterdir() if p.is_file() and p.name != CHECKSUM_FILE)
-
-
 def _write_checksums(directory: Path) -> None:
-    sums = {p.name: _sha256(p) for p in _files(directory)}
-    payload = {"format": _FORMAT_VERSION, "files": sums}
-    (directory / CHECKSUM_FILE).write_text(json.dumps(payload, indent=2, sort_keys=True))
+    write_checksums(directory, _FORMAT_VERSION)
 
 
 def _verify(directory: Path) -> bool:
-    """True when the checksum file exists, is ours, and matches every file exactly. Anything
-    unreadable counts as a mismatch: the caller rebuilds."""
-    checksum_path = directory / CHECKSUM_FILE
-    if not checksum_path.is_file():
-        return False
-    try:
-        recorded = json.loads(checksum_path.read_text())
-    except (OSError, ValueError):  # ValueError covers bad JSON and bad UTF-8
-        return False
-    if not isinstance(recorded, dict) or recorded.get("format") != _FORMAT_VERSION:
-        return False
-    expected = recorded.get("files")
-    if not isinstance(expected, dict) or MODEL_FILE not in expected:
-        return False
-    if set(expected) != {p.name for p in _files(directory)}:
-        return False
-    return all(_sha256(directory / name) == digest for name, digest in expected.items())
+    return verify_checksums(directory, _FORMAT_VERSION, required=(MODEL_FILE,))
 
 
 class OnnxEmbedder:

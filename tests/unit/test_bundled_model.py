@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from adapters.durable import CHECKSUM_FILE
 from service.bundled_model import (
-    CHECKSUM_FILE,
     HF_ID,
     SERVED_NAME,
     _verify,

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from adapters.durable import CHECKSUM_FILE
 from index.embedder import SentenceTransformerEmbedder, bundled_embedder_path, load_embedder
 from index.onnx_embedder import (
-    CHECKSUM_FILE,
     OnnxEmbedder,
     UnsupportedModelError,
     ensure_onnx_model,
