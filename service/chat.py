@@ -63,14 +63,14 @@ class ChatService:
     async def _prepare(self, request: ChatCompletionRequest) -> tuple[str, dict[str, Any], RouteDecision]:
         self._limits.check(request)
         base, pin = await self._resolve(request.model)
-        messages = request.engine_payload(base)["messages"]
+        payload = request.engine_payload(base)
         if self._router is not None:
-            decision = await self._router.decide(messages, pin=pin, rag=request.rag)
+            decision = await self._router.decide(payload["messages"], pin=pin, rag=request.rag)
         else:
             adapter = pin.adapter if pin is not None else None
             decision = Decision(adapter, [], {}, None, "routing is not configured")
         model = decision.adapter or base
-        payload = request.engine_payload(model)
+        payload["model"] = model
         route = await self._augmenter.apply(decision, payload, base)
         logger.info("route %s: %s", route.header(), route.reason)
         return model, payload, route
