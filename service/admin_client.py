@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -39,3 +41,20 @@ def error_message(response: httpx.Response) -> str:
         return f"error {response.status_code}: {response.json()['error']['message']}"
     except (ValueError, KeyError, TypeError):
         return f"error {response.status_code}: {response.text[:500]}"
+
+
+def upload_adapter(client: httpx.Client, directory: Path, fields: dict[str, Any]) -> httpx.Response:
+    """POST the two PEFT files of ``directory`` with the registration ``fields`` as a form."""
+    form = {
+        k: json.dumps(v) if isinstance(v, list) else str(v).lower() if isinstance(v, bool) else str(v)
+        for k, v in fields.items()
+    }
+    with (
+        (directory / "adapter_config.json").open("rb") as config,
+        (directory / "adapter_model.safetensors").open("rb") as weights,
+    ):
+        files = {
+            "adapter_config": ("adapter_config.json", config, "application/json"),
+            "adapter_model": ("adapter_model.safetensors", weights, "application/octet-stream"),
+        }
+        return client.post("/admin/adapters", data=form, files=files)

@@ -4,11 +4,11 @@ URL and admin token come from the settings: ``HYBRID_GATEWAY_URL``, ``HYBRID_ADM
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
-from service.admin_client import admin_client, report
+from service import cli_train
+from service.admin_client import admin_client, report, upload_adapter
 
 
 def add_parser(commands: Any) -> None:
@@ -47,6 +47,7 @@ def add_parser(commands: Any) -> None:
     remove = verbs.add_parser("rm", help="unload and delete an adapter")
     remove.add_argument("name")
     remove.set_defaults(handler=_remove)
+    cli_train.add_parser(verbs)
 
 
 def _add(args: argparse.Namespace) -> int:
@@ -62,20 +63,7 @@ def _add(args: argparse.Namespace) -> int:
     with admin_client() as client:
         if args.server_path:
             return report(client.post("/admin/adapters", json={**fields, "path": args.source}))
-        directory = Path(args.source)
-        form = {
-            k: json.dumps(v) if isinstance(v, list) else str(v).lower() if isinstance(v, bool) else str(v)
-            for k, v in fields.items()
-        }
-        with (
-            (directory / "adapter_config.json").open("rb") as config,
-            (directory / "adapter_model.safetensors").open("rb") as weights,
-        ):
-            files = {
-                "adapter_config": ("adapter_config.json", config, "application/json"),
-                "adapter_model": ("adapter_model.safetensors", weights, "application/octet-stream"),
-            }
-            return report(client.post("/admin/adapters", data=form, files=files))
+        return report(upload_adapter(client, Path(args.source), fields))
 
 
 def _list(args: argparse.Namespace) -> int:

@@ -1,0 +1,171 @@
+"""``hybrid-serve adapters train``: fine-tune a LoRA adapter on a JSONL file, compare it with the
+base model, and optionally register it with a running gateway (``--register``)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from adapters.train_config import DEFAULT_TARGETS, TrainConfig
+
+_DEFAULTS = TrainConfig()
+
+
+def add_parser(verbs: Any) -> None:
+    train = verbs.add_parser(
+        "train",
+        help="fine-tune a LoRA adapter on chat examples, evaluate it against the base model",
+        description="Curates the data (duplicates, empty and over-long rows), splits it, trains with "
+        "early stopping on validation loss, compares adapter and base on the held-out rows, and "
+        "writes OUTPUT/NAME: the PEFT files, README.md (model card), loss_curve.png, report.json.",
+    )
+    train.add_argument(
+        "--data", required=True, type=Path, help='JSONL: {"messages": [...]} or prompt/completion'
+    )
+    train.add_argument("--name", required=True, help="the adapter's name (and its directory's)")
+    train.add_argument("--output", required=True, type=Path, help="directory the adapter is written under")
+    train.add_argument("--validation", type=Path, help="held-out JSONL (default: split off the data)")
+    train.add_argument(
+        "--validation-fraction", type=float, default=_DEFAULTS.validation_fraction, help="%(default)s"
+    )
+    train.add_argument(
+        "--base-model", type=Path, help="a Hugging Face causal LM directory (default: the bundled model)"
+    )
+    train.add_argument(
+        "--base-model-id",
+        help="the name the adapter's config gives its base (default: the bundled model's Hugging Face "
+        "id, or the directory's path)",
+    )
+    train.add_argument("--rank", type=int, default=_DEFAULTS.rank, help="LoRA rank (%(default)s)")
+    train.add_argument("--alpha", type=float, default=_DEFAULTS.alpha, help="LoRA alpha (%(default)s)")
+    train.add_argument("--dropout", type=float, default=_DEFAULTS.dropout, help="LoRA dropout (%(default)s)")
+    train.add_argument(
+        "--target-modules",
+        default=",".join(DEFAULT_TARGETS),
+        help="comma-separated module names (%(default)s)",
+    )
+    train.add_argument("--learning-rate", type=float, default=_DEFAULTS.learning_rate, help="%(default)s")
+    train.add_argument("--epochs", type=float, default=_DEFAULTS.epochs, help="%(default)s")
+    train.add_argument("--batch-size", type=int, default=_DEFAULTS.batch_size, help="%(default)s")
+    train.add_argument(
+        "--gradient-accumulation", type=int, default=_DEFAULTS.gradient_accumulation, help="%(default)s"
+    )
+    train.add_argument(
+        "--max-length",
+        type=int,
+        default=_DEFAULTS.max_length,
+        help="longest row in tokens; longer ones are removed (%(default)s)",
+    )
+    train.add_argument("--eval-steps", type=int, help="steps between validations (default: 4 per epoch)")
+    train.add_argument(
+        "--patience",
+        type=int,
+        default=_DEFAULTS.patience,
+        help="validations without improvement (%(default)s)",
+    )
+    train.add_argument(
+        "--min-delta",
+        type=float,
+        default=_DEFAULTS.min_delta,
+        help="how much lower a validation loss must be to count as better (%(default)s)",
+    )
+    train.add_argument("--seed", type=int, default=_DEFAULTS.seed, help="%(default)s")
+    train.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="%(default)s")
+    train.add_argument(
+        "--precision",
+        choices=["auto", "bf16", "fp32"],
+        default="auto",
+        help="auto: bf16 autocast where the hardware has it (%(default)s)",
+    )
+    train.add_argument("--force", action="store_true", help="train on fewer than 50 rows, register anyway")
+    train.add_argument("--overwrite", action="store_true", help="replace OUTPUT/NAME if it exists")
+    train.add_argument("--register", action="store_true", help="register the adapter with the gateway")
+    train.add_argument("--description", default="", help="for --register: what the adapter is for")
+    train.add_argument(
+        "--example",
+        action="append",
+        default=[],
+        dest="examples",
+        help="for --register: an example prompt for the router (repeat; default: 20 from the data)",
+    )
+    train.add_argument("--replace", action="store_true", help="for --register: swap an adapter of that name")
+    train.set_defaults(handler=_train)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from adapters.errors import AdapterValidationError
+    from adapters.fine_tune import TrainRequest, fine_tune
+    from adapters.training_data import TrainingDataError
+    from service.bundled_model import HF_ID, model_dir
+    from service.settings import Settings
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    settings = Settings()
+    try:
+        config = TrainConfig(
+            rank=args.rank,
+            alpha=args.alpha,
+            dropout=args.dropout,
+            target_modules=tuple(m.strip() for m in args.target_modules.split(",") if m.strip()),
+            learning_rate=args.learning_rate,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            gradient_accumulation=args.gradient_accumulation,
+            max_length=args.max_length,
+            eval_steps=args.eval_steps,
+            patience=args.patience,
+            min_delta=args.min_delta,
+            validation_fraction=args.validation_fraction,
+            seed=args.seed,
+            device=args.device,
+            precision=args.precision,
+        )
+        if args.base_model is None:
+            base, base_id = model_dir(settings.cache_dir), args.base_model_id or HF_ID
+            if not base.is_dir():
+                raise ValueError(f"the bundled model is not built at {base}: run `make model` first")
+        else:
+            base, base_id = args.base_model, args.base_model_id
+        request = TrainRequest(
+            args.data,
+            args.name,
+            args.output,
+            base,
+            base_id,
+            config,
+            validation_file=args.validation,
+            force=args.force,
+            overwrite=args.overwrite,
+            max_rank=settings.max_lora_rank,
+        )
+        result = fine_tune(request)
+    except (TrainingDataError, AdapterValidationError, ValueError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"{result.directory}: {result.report['verdict']}")
+    if not args.register:
+        return 0
+    if not result.beats_base and not args.force:
+        print(
+            "not registered: the adapter does not beat the base model (--force registers it)", file=sys.stderr
+        )
+        return 1
+    return _register(args, result)
+
+
+def _register(args: argparse.Namespace, result: Any) -> int:
+    from adapters.fine_tune import routing_examples
+    from service.admin_client import admin_client, report, upload_adapter
+
+    examples = args.examples or routing_examples(result.split.train, 20, args.seed)
+    fields = {
+        "name": args.name,
+        "description": args.description,
+        "examples": examples,
+        "replace": args.replace,
+    }
+    with admin_client() as client:
+        return report(upload_adapter(client, result.directory, fields))

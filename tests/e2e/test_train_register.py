@@ -1,0 +1,67 @@
+"""``hybrid-serve adapters train --register`` against the real gateway: the adapter trained here is
+registered, hot-loaded into vLLM, served by name with what it learnt, and routable."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.harness import ADMIN_TOKEN, RunningService
+from tests.training_factory import INTENTS, banking_pairs, write_jsonl
+
+pytestmark = pytest.mark.e2e
+
+NAME = "e2e-trained-banking"
+
+
+def test_a_trained_adapter_is_registered_served_and_routed(service: RunningService, tmp_path: Path) -> None:
+    data = write_jsonl(tmp_path / "banking.jsonl", banking_pairs("train", 12))
+    env = {**os.environ, "HYBRID_GATEWAY_URL": service.url, "HYBRID_ADMIN_TOKEN": ADMIN_TOKEN}
+    command = [
+        sys.executable, "-m", "service", "adapters", "train",
+        "--data", str(data), "--name", NAME, "--output", str(tmp_path / "out"),
+        "--epochs", "1", "--learning-rate", "2e-3", "--eval-steps", "2",
+        "--description", "banking requests: freeze an account, change a PIN, transfer, fraud, checks",
+        "--register",
+    ]  # fmt: skip
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f'"name": "{NAME}"' in done.stdout  # the gateway's record of the registration
+
+    client = service.client()
+    assert NAME in {model.id for model in client.models.list()}
+    # Served by vLLM with what it learnt: the intent's name, where the base model chats.
+    requests = [row["prompt"] for row in banking_pairs("val", 2)]
+    answers = [
+        client.chat.completions.create(
+            model=NAME, messages=[{"role": "user", "content": text}], temperature=0, max_tokens=8
+        )
+        .choices[0]
+        .message.content
+        for text in requests
+    ]
+    assert sum(answer in INTENTS for answer in answers) >= len(requests) // 2, answers
+    base = client.chat.completions.create(
+        model="SmolLM2-135M-Instruct",
+        messages=[{"role": "user", "content": requests[0]}],
+        temperature=0,
+        max_tokens=8,
+    )
+    assert base.choices[0].message.content not in INTENTS
+
+    # Routable: its examples were taken from the training data.
+    with service.admin() as admin:
+        explained = admin.post(
+            "/admin/router/explain",
+            json={
+                "model": "auto",
+                "messages": [{"role": "user", "content": "please freeze my bank account"}],
+            },
+        )
+        assert explained.status_code == 200, explained.text
+        assert explained.json()["route"]["adapter"] == NAME
+        assert admin.delete(f"/admin/adapters/{NAME}").status_code == 204
