@@ -57,9 +57,10 @@ class ChatEncoder:
         for index, message in enumerate(example.messages):
             if message.role != "assistant":
                 continue
-            start = len(self._render(example.messages[:index], generation_prompt=True))
+            prefix = self._render(example.messages[:index], generation_prompt=True)
+            start = len(prefix)
             end = len(self._render(example.messages[: index + 1], generation_prompt=False))
-            if full[:end][:start] != self._render(example.messages[:index], generation_prompt=True):
+            if full[:start] != prefix:
                 raise TemplateError(
                     "the chat template renders a conversation's prefix differently from the "
                     "conversation itself, so the assistant's tokens cannot be told apart"
@@ -73,6 +74,12 @@ class ChatEncoder:
     def length(self, example: Example) -> int:
         """Tokens in the rendered conversation (what curation compares with the maximum)."""
         return len(self._render(example.messages, generation_prompt=False))
+
+    @property
+    def pad_id(self) -> int:
+        """The padding token, or end-of-sequence for tokenizers without one."""
+        pad: int | None = self.tokenizer.pad_token_id
+        return pad if pad is not None else int(self.tokenizer.eos_token_id)
 
     def prompt_ids(self, example: Example) -> list[int]:
         """The turns before the last answer, ending with the assistant's generation prompt."""

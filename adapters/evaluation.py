@@ -12,7 +12,6 @@ there is none and the losses speak alone.
 from __future__ import annotations
 
 import math
-import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,17 +21,12 @@ from adapters.answer_loss import answer_loss
 from adapters.batches import collate, evaluation_batches, to_device
 from adapters.chat_tokens import ChatEncoder, Encoded
 from adapters.device import Placement
-from adapters.training_data import Example
+from adapters.training_data import Example, normalise
 
 MetricKind = Literal["label_accuracy", "exact_match"]
 _MAX_LABELS = 20
 _LABEL_WORDS = 5
 _SHORT_ANSWER_WORDS = 12
-_NOT_WORD = re.compile(r"[\W_]+")
-
-
-def normalise(text: str) -> str:
-    return _NOT_WORD.sub(" ", text.casefold()).strip()
 
 
 def metric_kind(examples: Sequence[Example]) -> MetricKind | None:
@@ -114,7 +108,7 @@ def mean_loss(
 
 def generate(
     model: Any,
-    tokenizer: Any,
+    encoder: ChatEncoder,
     prompts: Sequence[list[int]],
     *,
     max_new_tokens: int,
@@ -124,8 +118,8 @@ def generate(
     """Greedy answers to ``prompts`` (token ids), left-padded in batches."""
     import torch
 
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    answers: list[str] = [""] * len(prompts)
+    pad_id = encoder.pad_id
+    answers = [""] * len(prompts)
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     model.eval()
     for start in range(0, len(order), batch_size):
@@ -145,7 +139,7 @@ def generate(
                 pad_token_id=pad_id,
             )
         for row, i in enumerate(chunk):
-            answers[i] = tokenizer.decode(out[row, width:], skip_special_tokens=True)
+            answers[i] = encoder.tokenizer.decode(out[row, width:], skip_special_tokens=True)
     return answers
 
 
@@ -167,23 +161,28 @@ class Evaluator:
         self.batch_size = batch_size
         self.placement = placement
         self.metric = metric_kind([*train, *validation])
+        self.gold = [normalise(e.answer) for e in validation]
         train_labels = Counter(normalise(e.answer) for e in train)
-        self.labels = sorted(train_labels | Counter(normalise(e.answer) for e in validation))
+        self.labels = sorted(set(train_labels) | set(self.gold))
+        # Both models are asked the same prompts: rendered once.
+        self.prompts = [encoder.prompt_ids(e) for e in validation] if self.metric else []
         self.majority_label: str | None = None
         self.majority_share: float | None = None
         if self.metric == "label_accuracy":
             self.majority_label = train_labels.most_common(1)[0][0]
-            gold = [normalise(e.answer) for e in validation]
-            self.majority_share = gold.count(self.majority_label) / len(gold)
+            self.majority_share = self.gold.count(self.majority_label) / len(self.gold)
         tokenizer = encoder.tokenizer
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         longest = max(len(tokenizer(e.answer)["input_ids"]) for e in [*train, *validation])
         # Room for the longest answer and a little chatter before the base would reach it.
         self.max_new_tokens = longest + 8
 
     def loss(self, model: Any) -> float:
         return mean_loss(
-            model, self.encoded, pad_id=self.pad_id, batch_size=self.batch_size, placement=self.placement
+            model,
+            self.encoded,
+            pad_id=self.encoder.pad_id,
+            batch_size=self.batch_size,
+            placement=self.placement,
         )
 
     def scores(self, model: Any, *, loss: float | None = None) -> Scores:
@@ -192,11 +191,10 @@ class Evaluator:
         metric: float | None = None
         predictions: dict[str, int] = {}
         if self.metric is not None:
-            prompts = [self.encoder.prompt_ids(e) for e in self.validation]
             generated = generate(
                 model,
-                self.encoder.tokenizer,
-                prompts,
+                self.encoder,
+                self.prompts,
                 max_new_tokens=self.max_new_tokens,
                 batch_size=self.batch_size,
                 placement=self.placement,
@@ -207,11 +205,10 @@ class Evaluator:
         return Scores(loss, math.exp(min(loss, 50.0)), metric, predictions)
 
     def _score(self, generated: Sequence[str]) -> tuple[int, Counter[str]]:
-        gold = [normalise(e.answer) for e in self.validation]
         if self.metric != "label_accuracy":
-            return sum(normalise(text) == g for text, g in zip(generated, gold, strict=True)), Counter()
+            return sum(normalise(text) == g for text, g in zip(generated, self.gold, strict=True)), Counter()
         predicted = [predicted_label(text, self.labels) for text in generated]
-        correct = sum(p == g for p, g in zip(predicted, gold, strict=True))
+        correct = sum(p == g for p, g in zip(predicted, self.gold, strict=True))
         return correct, Counter("other" if p is None else p for p in predicted)
 
     def compare(self, model: Any, *, base_loss: float | None = None) -> Comparison:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -131,8 +132,6 @@ def model_card(report: dict[str, Any]) -> str:
 
 
 def write_card(directory: Path, report: dict[str, Any], result: TrainResult) -> None:
-    import json
-
     (directory / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
     (directory / CARD_FILE).write_text(model_card(report))
     plot_losses(result, directory / CURVE_FILE)

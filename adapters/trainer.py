@@ -89,8 +89,8 @@ class Trainer:
         self.config = config
         self.placement = placement
         self.progress = progress
-        self.batches_per_epoch = math.ceil(len(self.train) / config.batch_size)
-        steps_per_epoch = max(1, self.batches_per_epoch // config.gradient_accumulation)
+        batches_per_epoch = math.ceil(len(self.train) / config.batch_size)
+        steps_per_epoch = max(1, batches_per_epoch // config.gradient_accumulation)
         self.total_steps = max(1, round(steps_per_epoch * config.epochs))
         self.eval_steps = config.eval_steps or max(1, steps_per_epoch // 4)
         self.steps_per_epoch = steps_per_epoch
@@ -118,7 +118,7 @@ class Trainer:
         while result.steps < self.total_steps and not result.stopped_early:
             for batch in training_order(self.train, config.batch_size, rng):
                 self.model.train()
-                tensors = to_device(collate(batch, self.evaluator.pad_id), self.placement.device)
+                tensors = to_device(collate(batch, self.evaluator.encoder.pad_id), self.placement.device)
                 with self.placement.autocast():
                     summed, tokens = answer_loss(self.model, tensors)
                 loss = summed / max(tokens, 1)

@@ -164,12 +164,14 @@ def _parse_messages(raw: object) -> tuple[Message, ...]:
     return tuple(messages)
 
 
+def normalise(text: str) -> str:
+    """Lower case, every run of punctuation and spacing one space: what "the same text" means."""
+    return _NOT_WORD.sub(" ", text.casefold()).strip()
+
+
 def near_duplicate_key(example: Example) -> tuple[tuple[str, str], ...]:
     """Equal for rows that differ only in case, spacing, punctuation or Unicode form."""
-    return tuple(
-        (m.role, _NOT_WORD.sub(" ", unicodedata.normalize("NFKC", m.content).casefold()).strip())
-        for m in example.messages
-    )
+    return tuple((m.role, normalise(unicodedata.normalize("NFKC", m.content))) for m in example.messages)
 
 
 def curate(
