@@ -120,11 +120,12 @@ def _refuse_unsupported(config: dict[str, Any]) -> None:
         )
 
 
-def rebase_config(config_bytes: bytes, served_id: str) -> bytes:
-    """The same (validated) config naming the served id as its base model: vLLM's filesystem
-    resolver loads an adapter only when ``base_model_name_or_path`` equals the served name."""
+def rebase_config(config_bytes: bytes, engine_model: str) -> bytes:
+    """The same (validated) config naming ``engine_model`` as its base model: vLLM's filesystem
+    resolver loads an adapter only when ``base_model_name_or_path`` equals the model the engine
+    was started with (its ``--model``: a hub id or a directory)."""
     config = _json_object(config_bytes)
-    config["base_model_name_or_path"] = served_id
+    config["base_model_name_or_path"] = engine_model
     return json.dumps(config, indent=2).encode()
 
 

@@ -45,6 +45,8 @@ class BaseModelInfo:
     """Last path component of every 2-D weight (q_proj, ..., embed_tokens); None when unknown."""
     weight_shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict, compare=False, repr=False)
     """Module path (``model.layers.0.self_attn.q_proj``) -> its weight's shape, for shape checks."""
+    engine_model: str | None = None
+    """What the engine was started with (``--model``; the base's ``root`` in /v1/models)."""
 
     @classmethod
     def from_model_dir(cls, path: Path, served_id: str, hf_id: str | None) -> BaseModelInfo:

@@ -26,7 +26,14 @@ from adapters.store import AdapterRecord, AdapterStore
 from adapters.validation import BaseModelInfo, validate_adapter, validate_name
 from service.catalog import AUTO
 from service.engine import Engine
-from service.errors import APIError, ConflictError, EngineUnavailableError, InvalidRequestError, NotFoundError
+from service.errors import (
+    APIError,
+    ConflictError,
+    EngineUnavailableError,
+    InvalidRequestError,
+    NotFoundError,
+    UpstreamError,
+)
 
 logger = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -88,6 +95,7 @@ class AdapterRegistry:
         base_model: Callable[[], BaseModelInfo | None],
         max_rank: int,
         retry_after_s: int,
+        resolver: bool = False,
     ) -> None:
         self._store = store
         self._engine = engine
@@ -99,6 +107,8 @@ class AdapterRegistry:
         self._loaded: set[str] = set()
         self._reconciled = asyncio.Event()
         self._generation = 0
+        self._resolver = resolver
+        self._engine_ids: dict[str, str] = {}
 
     # -- what chat requests ask
 
@@ -116,6 +126,16 @@ class AdapterRegistry:
     def is_servable(self, name: str) -> bool:
         return self._reconciled.is_set() and name in self._loaded
 
+    def servable(self) -> builtins.list[str]:
+        """The adapters a request may name now, sorted."""
+        return sorted(self._loaded) if self._reconciled.is_set() else []
+
+    def engine_id(self, name: str) -> str:
+        """The model id the engine serves ``name`` under: the name itself when the gateway loads
+        adapters into the engine; with the filesystem resolver, the stored version's directory
+        name, so that a replaced adapter is a new id and no replica keeps its old weights."""
+        return self._engine_ids.get(name, name)
+
     @property
     def generation(self) -> int:
         """Changes whenever an adapter or its manifest may have changed (the router rebuilds
@@ -131,7 +151,10 @@ class AdapterRegistry:
         await self._reconciled.wait()
 
     def engine_lost(self) -> None:
-        """The engine restarted: nothing is loaded until the next :meth:`reconcile`."""
+        """The engine restarted: nothing is loaded until the next :meth:`reconcile` (with the
+        resolver, the engine finds adapters in the store again by itself)."""
+        if self._resolver:
+            return
         self._reconciled.clear()
         self._loaded.clear()
 
@@ -167,8 +190,8 @@ class AdapterRegistry:
             allow_retrieval=registration.allow_retrieval,
         )
         # vLLM's filesystem resolver (many replicas) loads an adapter only when its config
-        # names the served id, whichever alias it was made with.
-        config = rebase_config(source.config_bytes, base.served_id)
+        # names the model the engine was started with, whichever alias it was made with.
+        config = rebase_config(source.config_bytes, base.engine_model or base.served_id)
         async with self._locks[name]:
             previous = self._store.get(name)
             if previous is not None and not registration.replace:
@@ -184,7 +207,7 @@ class AdapterRegistry:
             except AdapterExistsError as exc:  # another gateway on shared storage won the race
                 raise ConflictError(str(exc), param="name", code="adapter_exists") from exc
             try:
-                await self._engine.load_adapter(name, str(record.path), replace=name in self._loaded)
+                await self._publish(name, record)
             except APIError:
                 # Not acknowledged, so not kept: the store goes back to what the engine serves.
                 if previous is None:
@@ -192,7 +215,6 @@ class AdapterRegistry:
                 else:
                     await asyncio.to_thread(self._store.revert, name, previous)
                 raise
-            self._loaded.add(name)
             self._names = self._names | {name}
             self._generation += 1
             logger.info("adapter %s %s (rank %d)", name, "replaced" if previous else "registered", spec.rank)
@@ -205,6 +227,9 @@ class AdapterRegistry:
             self._names = self._names - {name}
             self._loaded.discard(name)
             self._generation += 1
+            self._engine_ids.pop(name, None)
+            if self._resolver:
+                return  # its version's id is never asked for again; the replicas' caches drop it
             # Gone from the store: if the engine is down, the next reconciliation will not load it.
             with contextlib.suppress(EngineUnavailableError):
                 await self._engine.unload_adapter(name)
@@ -226,11 +251,10 @@ class AdapterRegistry:
             try:
                 # The engine loads by version directory, and the superseded one is pruned by
                 # the next change: point the engine at the new one now.
-                await self._engine.load_adapter(name, str(record.path), replace=True)
+                await self._publish(name, record)
             except APIError:
                 await asyncio.to_thread(self._store.revert, name, current)
                 raise
-            self._loaded.add(name)
             self._generation += 1
             logger.info("adapter %s: routing fields updated (threshold %s)", name, manifest.threshold)
             return record
@@ -238,7 +262,14 @@ class AdapterRegistry:
     async def reconcile(self) -> None:
         """Make the engine's adapters equal to the store's: load the missing, reload those it
         holds from another version, unload the rest. Registrations and deletions may run
-        meanwhile: each name is handled under its lock against the store as it is then."""
+        meanwhile: each name is handled under its lock against the store as it is then.
+
+        With the resolver there is nothing to load: the store is read, and the engine finds
+        each adapter there on first use."""
+        if self._resolver:
+            await self.sync()
+            self._reconciled.set()
+            return
         cards = await self._engine.list_models()
         in_engine = {card.id: card.root for card in cards if card.parent is not None}
         stored = {record.name for record in await asyncio.to_thread(self._store.list)}
@@ -248,18 +279,58 @@ class AdapterRegistry:
                 try:
                     if record is None:
                         self._loaded.discard(name)
+                        self._engine_ids.pop(name, None)
                         await self._engine.unload_adapter(name)
                     elif in_engine.get(name, "") != str(record.path):
                         await self._engine.load_adapter(name, str(record.path), replace=name in in_engine)
                         self._loaded.add(name)
                     else:
                         self._loaded.add(name)
+                    if record is not None:
+                        self._engine_ids[name] = name
                 except APIError as exc:
                     logger.error("adapter %s could not be reconciled: %s", name, exc.message)
         self._names = frozenset(record.name for record in await asyncio.to_thread(self._store.list))
         self._generation += 1
         self._reconciled.set()
         logger.info("engine reconciled with the store: %d adapters loaded", len(self._loaded))
+
+    async def sync(self) -> None:
+        """With the resolver: take the store as it is now, adapters other gateways registered
+        or removed included (several gateways share the store, and only it is authoritative)."""
+        records = await asyncio.to_thread(self._store.list)
+        ids = {record.name: record.path.name for record in records}
+        if ids == self._engine_ids:
+            return
+        # An adapter another gateway is still probing may be seen a moment before that
+        # registration is acknowledged; if the engine refuses it, that gateway removes it
+        # and the next sync drops it here too.
+        self._engine_ids = ids
+        self._names = frozenset(ids)
+        self._loaded = set(ids)
+        self._generation += 1
+
+    async def _publish(self, name: str, record: AdapterRecord) -> None:
+        """Make the engine serve ``record`` as ``name``: load it (the gateway's own engine), or
+        with the resolver ask for its version once, which makes a replica find it in the
+        store and proves it loads (a one-token generation)."""
+        if self._resolver:
+            engine_id = record.path.name
+            try:
+                await self._engine.chat(
+                    {"model": engine_id, "messages": [{"role": "user", "content": "ping"}], "max_tokens": 1}
+                )
+            except NotFoundError:
+                raise UpstreamError(
+                    f"The engine did not find the adapter '{name}' in its resolver directory: each "
+                    "replica needs VLLM_PLUGINS=lora_filesystem_resolver and "
+                    "VLLM_LORA_RESOLVER_CACHE_DIR set to this store's .versions directory."
+                ) from None
+        else:
+            engine_id = name
+            await self._engine.load_adapter(name, str(record.path), replace=name in self._loaded)
+        self._engine_ids[name] = engine_id
+        self._loaded.add(name)
 
     def _require_base(self) -> BaseModelInfo:
         base = self._base_model()

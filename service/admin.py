@@ -4,7 +4,6 @@ that bearer token (401 without one, 403 with a wrong one, compared in constant t
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import shutil
 import tempfile
@@ -23,27 +22,12 @@ from adapters.manifest import CONFIG_FILE, WEIGHTS_FILE
 from adapters.store import AdapterRecord
 from adapters.validation import resolve_import_path
 from service.adapter_registry import AdapterRegistry, AdapterSource, Registration, RoutingUpdate
-from service.errors import AuthenticationError, InvalidRequestError, PermissionDeniedError
+from service.auth import require_admin
+from service.errors import InvalidRequestError
 from service.parsing import invalid_request, parse_json_body
 from service.settings import Settings
 
 MAX_CONFIG_BYTES = 1024 * 1024
-
-
-async def require_admin(request: Request) -> None:
-    settings: Settings = request.app.state.settings
-    assert settings.admin_token is not None  # the router is mounted only with a token
-    scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not given:
-        raise AuthenticationError(
-            "The admin API needs 'Authorization: Bearer <HYBRID_ADMIN_TOKEN>'.",
-            code="missing_admin_token",
-            headers={"WWW-Authenticate": "Bearer"},
-        )
-    expected = settings.admin_token.get_secret_value().encode()
-    # Header bytes arrive decoded as latin-1: encode them back the same way to compare bytes.
-    if not hmac.compare_digest(given.encode("latin-1"), expected):
-        raise PermissionDeniedError("The admin token is not valid.", code="invalid_admin_token")
 
 
 async def _registry(request: Request) -> AdapterRegistry:

@@ -10,12 +10,12 @@ from typing import Any
 
 import httpx
 
-from service.settings import Settings
+from service.settings import load_settings
 
 
 def admin_client() -> httpx.Client:
     """A client with the admin token; the read timeout allows a large ingestion to finish."""
-    settings = Settings()
+    settings = load_settings()
     if settings.admin_token is None:
         raise SystemExit("HYBRID_ADMIN_TOKEN is not set: the admin API needs it")
     return httpx.Client(

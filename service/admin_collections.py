@@ -17,7 +17,7 @@ from index.errors import DocumentError
 from index.ingest import IngestResult
 from index.loaders import text_document
 from index.store import CollectionInfo
-from service.admin import require_admin
+from service.auth import require_admin
 from service.errors import InvalidRequestError
 from service.knowledge import Knowledge, UploadedFile
 from service.parsing import parse_json_body

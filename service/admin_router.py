@@ -7,7 +7,7 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 
-from service.admin import require_admin
+from service.auth import require_admin
 from service.chat import ChatService
 from service.parsing import parse_json_body
 from service.protocol import ChatCompletionRequest

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -92,6 +93,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         base_model=_BaseModelFacts(catalog, settings, model_dir[0] if model_dir else None),
         max_rank=settings.max_lora_rank,
         retry_after_s=settings.retry_after_s,
+        resolver=settings.lora_resolver,
     )
     app.state.catalog = catalog
     app.state.adapters = registry
@@ -117,6 +119,11 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         supervisor.start()
     else:
         background = asyncio.create_task(_reconcile_when_reachable(catalog, registry, settings.retry_after_s))
+    store_sync = (
+        asyncio.create_task(_follow_store(registry, settings.adapter_sync_s))
+        if settings.lora_resolver
+        else None
+    )
     app.state.supervisor = supervisor
     try:
         # Loading the embedder and opening the index take seconds: the engine is already
@@ -145,8 +152,9 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         )
         yield
     finally:
-        if background is not None:
-            background.cancel()
+        for task in (background, store_sync):
+            if task is not None:
+                task.cancel()
         if supervisor is not None:
             await supervisor.stop()
         await session.close()
@@ -167,6 +175,17 @@ async def _reconcile_when_reachable(catalog: ModelCatalog, registry: AdapterRegi
             await asyncio.sleep(every_s)
 
 
+async def _follow_store(registry: AdapterRegistry, every_s: float) -> None:
+    """With the resolver, several gateways may share the store: pick up what the others
+    registered, replaced or deleted."""
+    while True:
+        await asyncio.sleep(every_s)
+        try:
+            await registry.sync()
+        except OSError as exc:  # shared storage hiccups; the next round tries again
+            logger.warning("cannot read the adapter store: %s", exc)
+
+
 class _BaseModelFacts:
     """What adapters are validated against, learnt once the engine has said its model id."""
 
@@ -179,15 +198,17 @@ class _BaseModelFacts:
         self._known: BaseModelInfo | None = None
 
     def __call__(self) -> BaseModelInfo | None:
-        served = self._catalog.base_model
+        served, root = self._catalog.base_model, self._catalog.base_root
         if served is None:
             return None
-        if self._known is None or self._known.served_id != served:
+        if self._known is None or (self._known.served_id, self._known.engine_model) != (served, root):
             if self._dir is not None:
-                self._known = BaseModelInfo.from_model_dir(self._dir, served, self._hf_id)
+                known = BaseModelInfo.from_model_dir(self._dir, served, self._hf_id)
             else:
-                aliases = {served} | ({self._hf_id} if self._hf_id else set())
-                self._known = BaseModelInfo(served, frozenset(aliases))
+                known = BaseModelInfo(served, frozenset({served} | ({self._hf_id} if self._hf_id else set())))
+            # An adapter made for what the engine loaded (a hub id, say) is made for this base.
+            aliases = known.aliases | ({root} if root else set())
+            self._known = dataclasses.replace(known, aliases=aliases, engine_model=root)
         return self._known
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 
 from service.engine import Engine
 from service.errors import EngineUnavailableError, NotFoundError
@@ -22,16 +23,24 @@ class ModelCatalog:
         self._engine = engine
         self._retry_after_s = retry_after_s
         self._base_ids: tuple[str, ...] = ()
+        self._base_root: str | None = None
         self._lock = asyncio.Lock()
 
     @property
     def base_model(self) -> str | None:
         return self._base_ids[0] if self._base_ids else None
 
+    @property
+    def base_root(self) -> str | None:
+        """What the engine loaded its base model from (its ``--model``), if it said."""
+        return self._base_root
+
     async def refresh(self) -> list[ModelCard]:
         """Ask the engine what it serves; remember its base model ids."""
         cards = await self._engine.list_models()
-        self._base_ids = tuple(card.id for card in cards if card.parent is None)
+        bases = [card for card in cards if card.parent is None]
+        self._base_ids = tuple(card.id for card in bases)
+        self._base_root = bases[0].root if bases else None
         return cards
 
     def forget(self) -> None:
@@ -59,10 +68,17 @@ class ModelCatalog:
             code="model_not_found",
         )
 
-    async def list(self) -> ModelList:
-        cards = await self.refresh()
-        if not cards:
+    async def list(self, adapters: Sequence[str]) -> ModelList:
+        """The engine's base model(s), then ``adapters`` (the registered ones a request may
+        name; the engine's own list may hold other ids, or only what one replica has
+        loaded), then ``auto``."""
+        bases = [card for card in await self.refresh() if card.parent is None]
+        if not bases:
             return ModelList(data=[])
-        base = cards[0]
+        base = bases[0]
+        loras = [
+            ModelCard(id=name, created=base.created, owned_by=base.owned_by, parent=base.id)
+            for name in adapters
+        ]
         auto = ModelCard(id=AUTO, created=base.created, owned_by="hybrid-serve")
-        return ModelList(data=[*cards, auto])
+        return ModelList(data=[*bases, *loras, auto])

@@ -70,7 +70,7 @@ class ChatService:
             adapter = pin.adapter if pin is not None else None
             decision = Decision(adapter, [], {}, None, "routing is not configured")
         model = decision.adapter or base
-        payload["model"] = model
+        payload["model"] = self._adapters.engine_id(model) if decision.adapter and self._adapters else model
         route = await self._augmenter.apply(decision, payload, base)
         logger.info("route %s: %s", route.header(), route.reason)
         return model, payload, route
@@ -92,7 +92,8 @@ class ChatService:
         citations = self._citations(route, payload)
         if citations is not None:
             completion = citations.attach(completion)
-        return completion.model_copy(update={"route": route})
+        # The engine may know an adapter by its version's id: clients see the name they use.
+        return completion.model_copy(update={"route": route, "model": model})
 
     async def stream(self, request: ChatCompletionRequest) -> ChatStream:
         """Open the upstream stream before answering, so that the engine's refusals (context
@@ -159,8 +160,10 @@ class ChatStream:
                 if self._citations is not None:
                     chunk = self._citations.follow(chunk)
                 if first:
-                    chunk = chunk.model_copy(update={"route": self.route})
+                    chunk = chunk.model_copy(update={"route": self.route, "model": self._model})
                     first = False
+                elif chunk.model != self._model:  # an adapter the engine knows by its version's id
+                    chunk = chunk.model_copy(update={"model": self._model})
                 yield chunk.model_dump_json()
         except APIError as exc:
             logger.warning("stream ended by an engine error: %s", exc.message)

@@ -10,7 +10,7 @@ import sys
 from collections.abc import Sequence
 
 from service import cli_adapters, cli_collections, cli_router
-from service.settings import Settings
+from service.settings import Settings, load_settings
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -46,7 +46,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _settings(**overrides: object) -> Settings:
-    return Settings(**{k: v for k, v in overrides.items() if v is not None})  # type: ignore[arg-type]
+    return load_settings(**overrides)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -55,6 +55,9 @@ def _serve(args: argparse.Namespace) -> int:
     from service.app import build_app
 
     settings = _settings(host=args.host, port=args.port)
+    if settings.exposure_problem is not None:
+        print(f"hybrid-serve serve: {settings.exposure_problem}", file=sys.stderr)
+        return 2
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

@@ -100,10 +100,10 @@ def _train(args: argparse.Namespace) -> int:
     from adapters.fine_tune import TrainRequest, fine_tune
     from adapters.training_data import TrainingDataError
     from service.bundled_model import HF_ID, model_dir
-    from service.settings import Settings
+    from service.settings import load_settings
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    settings = Settings()
+    settings = load_settings()
     try:
         config = TrainConfig(
             rank=args.rank,

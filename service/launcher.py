@@ -19,6 +19,7 @@ from pathlib import Path
 
 import aiohttp
 
+from adapters.store import VERSIONS_DIR
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -76,6 +77,10 @@ def vllm_environment(settings: Settings) -> dict[str, str]:
     env["HF_HUB_OFFLINE"] = "1"
     env.setdefault("VLLM_NO_USAGE_STATS", "1")
     env.setdefault("DO_NOT_TRACK", "1")
+    if settings.lora_resolver:
+        # The engine finds adapters in the store by their version's id (see AdapterRegistry).
+        env["VLLM_PLUGINS"] = "lora_filesystem_resolver"
+        env["VLLM_LORA_RESOLVER_CACHE_DIR"] = str(settings.adapter_store_dir / VERSIONS_DIR)
     return env
 
 

@@ -33,7 +33,7 @@ from index.embedder import Embedder, Vectors
 from service.knowledge import embedder_from_settings
 from service.route_fit import BASE, RoutingScore, Scored, fit_thresholds
 from service.router import Router, profile_texts
-from service.settings import Settings
+from service.settings import load_settings
 
 logger = logging.getLogger(__name__)
 
@@ -279,7 +279,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
 
 def run_evaluation(data: Path | None, out: Path) -> dict[str, Any]:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    settings = Settings()
+    settings = load_settings()
     folder = data or Path("..") / "shared" / "data" / "clinc150"
     embedder = embedder_from_settings(settings)
     report = evaluate(folder, embedder, settings.router_threshold)

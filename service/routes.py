@@ -10,6 +10,7 @@ from sse_starlette import EventSourceResponse
 from starlette.types import Receive, Scope, Send
 
 from service.adapter_registry import AdapterRegistry
+from service.auth import require_api_key
 from service.catalog import ModelCatalog
 from service.chat import ChatService, ChatStream
 from service.errors import APIError, EngineUnavailableError
@@ -57,6 +58,7 @@ class ChatEventStream(EventSourceResponse):
 
 @router.post(
     "/v1/chat/completions",
+    dependencies=[Depends(require_api_key)],
     responses={
         200: {
             "description": "A completion, or with `stream: true` an SSE stream of chunks.",
@@ -76,9 +78,10 @@ async def create_chat_completion(request: Request, chat: ChatDep) -> Response:
     return Response(completion.model_dump_json(), media_type=_JSON, headers=headers)
 
 
-@router.get("/v1/models", response_model=ModelList)
-async def list_models(catalog: CatalogDep) -> Response:
-    models = await catalog.list()
+@router.get("/v1/models", response_model=ModelList, dependencies=[Depends(require_api_key)])
+async def list_models(request: Request, catalog: CatalogDep) -> Response:
+    adapters: AdapterRegistry = request.app.state.adapters
+    models = await catalog.list(adapters.servable())
     return Response(models.model_dump_json(), media_type=_JSON)
 
 

@@ -3,9 +3,10 @@
 
 from __future__ import annotations
 
+import ipaddress
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -13,6 +14,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from index.chunking import ChunkingPolicy
 
 VLLM_LORA_RANKS = frozenset({1, 8, 16, 32, 64, 128, 256, 320, 512})
+SECRETS_DIR = Path("/run/secrets")
+"""Where Docker and Kubernetes mount secret files; ``hybrid_admin_token`` there sets
+``HYBRID_ADMIN_TOKEN`` (file names are the variables' names; the environment wins)."""
 
 
 def _home(*parts: str) -> Path:
@@ -30,6 +34,14 @@ class Settings(BaseSettings):
     log_level: str = Field("info", description="Python log level of the gateway.")
     drain_timeout_s: float = Field(
         30.0, gt=0, description="On SIGTERM, how long in-flight requests may take to finish."
+    )
+    api_keys: SecretStr | None = Field(
+        None,
+        description="Comma-separated keys clients send as `Authorization: Bearer <key>` on /v1; "
+        "unset: /v1 is open, which `serve` allows only on a loopback address.",
+    )
+    allow_unauthenticated: bool = Field(
+        False, description="Let `serve` listen on a non-loopback address without API keys."
     )
     data_dir: Path = Field(
         default_factory=lambda: _home(".local", "share", "hybrid-serve"),
@@ -83,6 +95,18 @@ class Settings(BaseSettings):
     )
     adapter_dir: Path | None = Field(
         None, description="The adapter store (shared storage on many hosts); unset: DATA_DIR/adapters."
+    )
+    lora_resolver: bool = Field(
+        False,
+        description="The engine replicas load adapters by name from the shared store themselves "
+        "(vLLM's filesystem resolver on ADAPTER_DIR/.versions); the gateway only writes the store. "
+        "Needed with several replicas behind a router.",
+    )
+    adapter_sync_s: float = Field(
+        5.0,
+        gt=0,
+        description="With LORA_RESOLVER: how often the gateway re-reads the shared store, to serve "
+        "adapters registered through another gateway.",
     )
     adapter_import_dir: Path | None = Field(
         None, description="Registrations may name server-side paths inside it; unset: uploads only."
@@ -186,6 +210,15 @@ class Settings(BaseSettings):
             raise ValueError("chroma_url must start with http:// or https://")
         return value.rstrip("/")
 
+    @field_validator("api_keys")
+    @classmethod
+    def _some_keys(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None:
+            return None
+        if not _split_keys(value.get_secret_value()):
+            raise ValueError("api_keys must list at least one key (comma-separated)")
+        return value
+
     @field_validator("max_lora_rank")
     @classmethod
     def _a_rank_vllm_supports(cls, value: int) -> int:
@@ -198,6 +231,23 @@ class Settings(BaseSettings):
         # The policy's own check, at start-up rather than when the index is first built.
         ChunkingPolicy(self.chunk_tokens, self.chunk_overlap_tokens)
         return self
+
+    @property
+    def api_key_set(self) -> frozenset[str]:
+        """The accepted client keys; empty when /v1 is open."""
+        return frozenset(_split_keys(self.api_keys.get_secret_value())) if self.api_keys else frozenset()
+
+    @property
+    def exposure_problem(self) -> str | None:
+        """Why ``serve`` must not start as configured, or None: an address other hosts can
+        reach with /v1 open to anyone."""
+        if self.api_keys is not None or self.allow_unauthenticated or _is_loopback(self.host):
+            return None
+        return (
+            f"refusing to listen on {self.host} without API keys: set HYBRID_API_KEYS (clients "
+            "then send 'Authorization: Bearer <key>'), or HYBRID_ALLOW_UNAUTHENTICATED=true if "
+            "something in front of the gateway authenticates"
+        )
 
     @property
     def manages_engine(self) -> bool:
@@ -226,6 +276,28 @@ class Settings(BaseSettings):
         return self.data_dir / "logs" / "engine.log"
 
 
+def _split_keys(value: str) -> list[str]:
+    return [key.strip() for key in value.split(",") if key.strip()]
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """The settings from the environment, then secret files in :data:`SECRETS_DIR` if it exists,
+    with ``overrides`` (None values ignored) on top."""
+    given = {key: value for key, value in overrides.items() if value is not None}
+    if SECRETS_DIR.is_dir():
+        given["_secrets_dir"] = SECRETS_DIR
+    return Settings(**given)
+
+
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
-    return Settings()
+    return load_settings()

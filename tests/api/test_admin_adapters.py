@@ -88,8 +88,9 @@ async def test_an_upload_is_registered_loaded_listed_and_served(
     assert version.parent == store_dir / VERSIONS_DIR
     assert version.name.startswith("pirate-")
     assert (version / WEIGHTS_FILE).read_bytes() == (lora_adapter / WEIGHTS_FILE).read_bytes()
-    # The stored config names the served id (vLLM's filesystem resolver needs that).
-    assert json.loads((version / CONFIG_FILE).read_bytes())["base_model_name_or_path"] == BASE_ID
+    # The stored config names what the engine loaded, its base's `root` (vLLM's filesystem
+    # resolver compares the two).
+    assert json.loads((version / CONFIG_FILE).read_bytes())["base_model_name_or_path"] == f"/models/{BASE_ID}"
     assert engine.loras == {"pirate": str(version)}
     assert store_entries(store_dir) == (["pirate"], [version.name])
 

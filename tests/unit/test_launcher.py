@@ -20,6 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from adapters.store import VERSIONS_DIR
 from service import launcher
 from service.launcher import EngineStartError, EngineState, EngineSupervisor, vllm_command, vllm_environment
 from service.settings import Settings
@@ -418,3 +419,12 @@ def test_vllm_environment(clean_env: pytest.MonkeyPatch) -> None:
 def test_vllm_environment_always_allows_runtime_lora(clean_env: pytest.MonkeyPatch) -> None:
     clean_env.setenv("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "False")
     assert vllm_environment(Settings())["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
+
+
+def test_vllm_environment_with_the_resolver(clean_env: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    plain = vllm_environment(Settings())
+    assert "VLLM_LORA_RESOLVER_CACHE_DIR" not in plain
+    env = vllm_environment(Settings(lora_resolver=True, adapter_dir=tmp_path / "adapters"))
+    # The engine finds each adapter version by its id in the store's versions directory.
+    assert env["VLLM_PLUGINS"] == "lora_filesystem_resolver"
+    assert env["VLLM_LORA_RESOLVER_CACHE_DIR"] == str(tmp_path / "adapters" / VERSIONS_DIR)

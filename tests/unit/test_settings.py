@@ -143,3 +143,68 @@ def test_chunk_overlap_must_stay_under_half_a_chunk() -> None:
 def test_chroma_url_needs_http(given: str) -> None:
     with pytest.raises(ValidationError, match="http"):
         Settings(chroma_url=given)
+
+
+# -- exposure: API keys and the listen address
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.5", "::1", "localhost"])
+def test_loopback_needs_no_keys(host: str) -> None:
+    assert Settings(host=host).exposure_problem is None
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "10.0.0.5", "gateway.internal"])
+def test_other_addresses_need_keys_or_an_explicit_waiver(host: str) -> None:
+    problem = Settings(host=host).exposure_problem
+    assert problem is not None
+    assert "HYBRID_API_KEYS" in problem
+    assert "HYBRID_ALLOW_UNAUTHENTICATED" in problem
+    assert Settings(host=host, api_keys=SecretStr("k")).exposure_problem is None
+    assert Settings(host=host, allow_unauthenticated=True).exposure_problem is None
+
+
+def test_serve_refuses_an_open_public_address(
+    clean_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from service.cli import main
+
+    # It returns before building the app: nothing listens, nothing starts.
+    assert main(["serve", "--host", "0.0.0.0"]) == 2
+    assert "refusing to listen on 0.0.0.0 without API keys" in capsys.readouterr().err
+
+
+def test_api_keys_are_a_comma_separated_set(clean_env: pytest.MonkeyPatch) -> None:
+    clean_env.setenv("HYBRID_API_KEYS", " alpha, beta ,,alpha")
+    assert Settings().api_key_set == frozenset({"alpha", "beta"})
+    assert Settings(api_keys=None).api_key_set == frozenset()
+
+
+@pytest.mark.parametrize("given", ["", " , ,"])
+def test_api_keys_must_name_a_key(given: str) -> None:
+    with pytest.raises(ValidationError, match="at least one key"):
+        Settings(api_keys=SecretStr(given))
+
+
+def test_secrets_come_from_files_and_the_environment_wins(
+    clean_env: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import service.settings
+
+    (tmp_path / "hybrid_admin_token").write_text("from-a-file\n")
+    (tmp_path / "hybrid_api_keys").write_text("k1,k2")
+    clean_env.setattr(service.settings, "SECRETS_DIR", tmp_path)
+    settings = service.settings.load_settings()
+    assert settings.admin_token is not None
+    assert settings.admin_token.get_secret_value() == "from-a-file"
+    assert settings.api_key_set == frozenset({"k1", "k2"})
+    clean_env.setenv("HYBRID_ADMIN_TOKEN", "from-the-environment")
+    token = service.settings.load_settings().admin_token
+    assert token is not None
+    assert token.get_secret_value() == "from-the-environment"
+
+
+def test_without_a_secrets_directory_nothing_is_read(clean_env: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import service.settings
+
+    clean_env.setattr(service.settings, "SECRETS_DIR", tmp_path / "absent")
+    assert service.settings.load_settings().admin_token is None
