@@ -99,6 +99,12 @@ def start_router(workers: list[Replica], log_dir: Path) -> tuple[str, subprocess
                 *[worker.url for worker in workers],
                 "--policy",
                 "round_robin",
+                # As deploy/kubernetes/router.yaml: a dead replica is out after two failed
+                # checks two seconds apart.
+                "--health-check-interval-secs",
+                "2",
+                "--health-failure-threshold",
+                "2",
                 "--prometheus-host",
                 "127.0.0.1",
                 "--prometheus-port",

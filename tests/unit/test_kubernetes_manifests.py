@@ -12,10 +12,10 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-import kubernetes_validate  # type: ignore[import-untyped]
+import kubernetes_validate
 import pytest
 import yaml
-from vllm_router.launch_router import parse_router_args  # type: ignore[import-untyped]
+from vllm_router.launch_router import parse_router_args
 
 from service.settings import VLLM_LORA_RANKS, Settings
 
