@@ -109,6 +109,7 @@ class AdapterRegistry:
         self._generation = 0
         self._resolver = resolver
         self._engine_ids: dict[str, str] = {}
+        """With the resolver: name -> the id of its stored version (absent: the name itself)."""
 
     # -- what chat requests ask
 
@@ -279,15 +280,12 @@ class AdapterRegistry:
                 try:
                     if record is None:
                         self._loaded.discard(name)
-                        self._engine_ids.pop(name, None)
                         await self._engine.unload_adapter(name)
                     elif in_engine.get(name, "") != str(record.path):
                         await self._engine.load_adapter(name, str(record.path), replace=name in in_engine)
                         self._loaded.add(name)
                     else:
                         self._loaded.add(name)
-                    if record is not None:
-                        self._engine_ids[name] = name
                 except APIError as exc:
                     logger.error("adapter %s could not be reconciled: %s", name, exc.message)
         self._names = frozenset(record.name for record in await asyncio.to_thread(self._store.list))
@@ -326,10 +324,9 @@ class AdapterRegistry:
                     "replica needs VLLM_PLUGINS=lora_filesystem_resolver and "
                     "VLLM_LORA_RESOLVER_CACHE_DIR set to this store's .versions directory."
                 ) from None
+            self._engine_ids[name] = engine_id
         else:
-            engine_id = name
             await self._engine.load_adapter(name, str(record.path), replace=name in self._loaded)
-        self._engine_ids[name] = engine_id
         self._loaded.add(name)
 
     def _require_base(self) -> BaseModelInfo:

@@ -50,6 +50,8 @@ def build_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.metrics = metrics
+    # Parsed once here rather than on every /v1 request.
+    app.state.api_keys = settings.api_key_set
     app.include_router(router)
     if settings.admin_token is not None:
         app.include_router(admin_router)

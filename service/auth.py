@@ -27,8 +27,7 @@ def token_matches(given: str, expected: str) -> bool:
 
 async def require_api_key(request: Request) -> None:
     """401 unless the request carries one of the configured API keys (no keys: open)."""
-    settings: Settings = request.app.state.settings
-    keys = settings.api_key_set
+    keys: frozenset[str] = request.app.state.api_keys
     if not keys:
         return
     given = bearer_token(request)

@@ -88,21 +88,24 @@ def free_port() -> int:
         return port
 
 
-def wait_ready(url: str, timeout_s: float, process: subprocess.Popen[bytes] | None = None) -> None:
+def wait_ready(
+    url: str, timeout_s: float, process: subprocess.Popen[bytes] | None = None, *, path: str = "/ready"
+) -> None:
+    """Poll ``url + path`` until it answers 200; RuntimeError if ``process`` exits first."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
-            raise RuntimeError(f"the gateway exited with code {process.returncode}")
+            raise RuntimeError(f"{url} exited with code {process.returncode}")
         try:
-            if httpx.get(f"{url}/ready", timeout=5).status_code == 200:
+            if httpx.get(f"{url}{path}", timeout=5).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
         time.sleep(1)
-    raise TimeoutError(f"{url} not ready after {timeout_s:.0f}s")
+    raise TimeoutError(f"{url}{path} not answering after {timeout_s:.0f}s")
 
 
-def _tail(path: Path, lines: int = 60) -> str:
+def log_tail(path: Path, lines: int = 60) -> str:
     if not path.exists():
         return "(no log)"
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
@@ -152,7 +155,7 @@ def running_service(
     except (RuntimeError, TimeoutError) as exc:
         process.kill()
         raise ServiceError(
-            f"{exc}\n--- gateway log\n{_tail(gateway_log)}\n--- engine log\n{_tail(running.log_file)}"
+            f"{exc}\n--- gateway log\n{log_tail(gateway_log)}\n--- engine log\n{log_tail(running.log_file)}"
         ) from exc
     first_engine = running.engine_processes()
     try:

@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ from service.bundled_model import SERVED_NAME
 from service.launcher import vllm_command, vllm_environment
 from service.settings import Settings
 from tests.adapter_factory import bundled_model_dir
-from tests.harness import MAX_MODEL_LEN, free_port
+from tests.harness import MAX_MODEL_LEN, free_port, log_tail, wait_ready
 
 START_TIMEOUT_S = 600.0
 
@@ -119,15 +118,10 @@ def start_router(workers: list[Replica], log_dir: Path) -> tuple[str, subprocess
 
 
 def wait_answering(url: str, path: str, process: subprocess.Popen[bytes], log_file: Path) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{url} exited ({process.returncode}):\n{_tail(log_file)}")
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"{url}{path}", timeout=5).status_code == 200:
-                return
-        time.sleep(1)
-    raise TimeoutError(f"{url}{path} not answering after {START_TIMEOUT_S:.0f}s:\n{_tail(log_file)}")
+    try:
+        wait_ready(url, START_TIMEOUT_S, process, path=path)
+    except (RuntimeError, TimeoutError) as exc:
+        raise RuntimeError(f"{exc}\n{log_tail(log_file)}") from exc
 
 
 @dataclass(frozen=True)
@@ -153,7 +147,3 @@ def running_fleet(store: Path, log_dir: Path, *, size: int = 2) -> Iterator[Flee
             router.wait(timeout=30)
         for replica in replicas:
             replica.stop()
-
-
-def _tail(path: Path, lines: int = 40) -> str:
-    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else "(no log)"
