@@ -40,6 +40,7 @@ bench: setup
 	$(BIN)/python -m bench.retrieval
 	$(BIN)/python -m bench.router_speed
 	$(BIN)/hybrid-serve router eval
+	$(BIN)/python -m bench.soak
 
 # The fine-tuning demonstrations (about 20 minutes each on 2 cores): PubMedQA yes/no/maybe and
 # CLINC150 banking intents, each trained, compared with the base model, and reported in

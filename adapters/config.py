@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, TypeGuard
 
 from adapters.errors import AdapterValidationError
+from adapters.model_files import remote_code_keys
 
 _DEFAULT_ALPHA = 8.0  # peft.LoraConfig's default, for configs that leave it out
 
@@ -106,10 +107,11 @@ def _refuse_unsupported(config: dict[str, Any]) -> None:
             "without fully trained modules, e.g. without a classification head",
             "config.modules_to_save",
         )
-    if config.get("auto_map") is not None:
+    remote_code = remote_code_keys(config)  # auto_map, custom_pipelines, trust_remote_code: true
+    if remote_code:
         raise AdapterValidationError(
-            "auto_map points at custom code, which is never run: remove it from the config",
-            "config.auto_map",
+            f"{remote_code[0]} points at custom code, which is never run: remove it from the config",
+            f"config.{remote_code[0]}",
         )
     init = config.get("init_lora_weights", True)
     if isinstance(init, str) and init.lower() not in _PLAIN_INITS:

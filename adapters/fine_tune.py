@@ -22,6 +22,7 @@ from adapters.device import place
 from adapters.durable import SCRATCH_PREFIX, fsync_dir
 from adapters.evaluation import Comparison, Evaluator
 from adapters.model_card import CARD_FILE, write_card
+from adapters.model_files import check_model_dir
 from adapters.train_config import TrainConfig
 from adapters.trainer import Trainer, TrainResult
 from adapters.training_data import DataSplit, Example, load_split
@@ -69,7 +70,8 @@ class FineTuneResult:
 
 def fine_tune(request: TrainRequest) -> FineTuneResult:
     """Train, evaluate and publish. Bad input raises ``TrainingDataError``,
-    ``AdapterValidationError`` (a bad name) or ``ValueError``."""
+    ``AdapterValidationError`` (a bad name) or ``ValueError`` (``UnsafeModelError`` among them:
+    a base model directory holding code or pickles)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -81,13 +83,15 @@ def fine_tune(request: TrainRequest) -> FineTuneResult:
     destination = request.output / request.name
     if destination.exists() and not request.overwrite:
         raise ValueError(f"{destination} already exists (--overwrite replaces it)")
+    check_model_dir(request.base_model, what="base model")
     base_info = BaseModelInfo.from_model_dir(request.base_model, request.base_model_id or "", None)
     unknown = set(config.target_modules) - (base_info.module_names or set(config.target_modules))
     if unknown:
         raise ValueError(f"target modules {sorted(unknown)} are not in {request.base_model}")
     placement = place(config.device, config.precision)
 
-    # Remote code stays off: a model directory is data, never something to execute.
+    # Remote code stays off and weights are safetensors only: a model directory is data, never
+    # something to execute (check_model_dir above refused code and pickles already).
     tokenizer = AutoTokenizer.from_pretrained(request.base_model, trust_remote_code=False)
     encoder = ChatEncoder(tokenizer)
     split = load_split(
@@ -104,7 +108,7 @@ def fine_tune(request: TrainRequest) -> FineTuneResult:
     random.seed(config.seed)
     torch.manual_seed(config.seed)  # lora_A's initialisation and dropout
     base_model: Any = AutoModelForCausalLM.from_pretrained(
-        request.base_model, dtype=torch.float32, trust_remote_code=False
+        request.base_model, dtype=torch.float32, trust_remote_code=False, use_safetensors=True
     )
     base_model.to(placement.device)
     lora = LoraConfig(

@@ -18,6 +18,7 @@ from pathlib import Path
 from adapters.config import LoraSettings, parse_lora_config
 from adapters.durable import sha256_file
 from adapters.errors import AdapterValidationError
+from adapters.model_files import UnsafeModelError, check_model_dir
 from adapters.safetensors_header import SafetensorsHeaderError, TensorInfo, read_header
 
 logger = logging.getLogger(__name__)
@@ -263,4 +264,11 @@ def resolve_import_path(raw: str, import_root: Path | None) -> Path:
         )
     if not real.exists():
         raise AdapterValidationError(f"{raw!r} does not exist in the import directory", "path")
+    if real.is_dir():
+        # Only the two PEFT files are copied out, but a directory carrying code or pickles is
+        # not one to take anything from. (The missing-safetensors case has its own message.)
+        try:
+            check_model_dir(real, what="adapter", require_safetensors=False)
+        except UnsafeModelError as exc:
+            raise AdapterValidationError(str(exc), "path") from None
     return real

@@ -23,6 +23,8 @@ from typing import Literal, Protocol
 import numpy as np
 import numpy.typing as npt
 
+from adapters.model_files import check_model_dir
+
 logger = logging.getLogger(__name__)
 
 Vectors = npt.NDArray[np.float32]
@@ -112,7 +114,16 @@ class SentenceTransformerEmbedder:
         if threads is not None:
             torch.set_num_threads(threads)
         self._path = path or bundled_embedder_path()
-        self._model = SentenceTransformer(str(self._path), device=device, local_files_only=True)
+        # Data only: no code from the directory (refused outright, and never trusted) and no
+        # pickled weights.
+        check_model_dir(self._path, what="embedder")
+        self._model = SentenceTransformer(
+            str(self._path),
+            device=device,
+            local_files_only=True,
+            trust_remote_code=False,
+            model_kwargs={"use_safetensors": True},
+        )
         self._batch_size = batch_size
         dimension = self._model.get_embedding_dimension()
         if dimension is None:

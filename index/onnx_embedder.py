@@ -32,6 +32,7 @@ import numpy as np
 import numpy.typing as npt
 
 from adapters.durable import sha256_file, verify_checksums, write_checksums
+from adapters.model_files import check_model_dir
 from index.embedder import Vectors, bundled_embedder_path, embedder_name
 
 logger = logging.getLogger(__name__)
@@ -40,7 +41,7 @@ MODEL_FILE = "model.onnx"
 SOURCE_FILE = "hybrid-serve-source.json"
 OPSET = 17
 _FORMAT_VERSION = 1  # bump when the export changes, so old caches are rebuilt
-_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+_WEIGHT_FILES = ("model.safetensors",)  # never a pickle (pytorch_model.bin): see adapters/model_files.py
 _TOLERANCE = 1e-4  # largest difference allowed between a torch vector and an ONNX one at export
 
 # modules.json names each module by class: the classic names, and the module paths that
@@ -161,7 +162,9 @@ def _read_json(path: Path) -> Any:
 def ensure_onnx_model(model_dir: Path, cache_dir: Path) -> Path:
     """Return the ONNX export of the sentence-transformers model in ``model_dir`` (the
     ``model.onnx`` file, under ``cache_dir``), exporting it first if it is missing or fails its
-    checksum. Raises :class:`UnsupportedModelError` for a model this backend cannot reproduce."""
+    checksum. Raises :class:`UnsupportedModelError` for a model this backend cannot reproduce, and
+    ``UnsafeModelError`` for a directory holding code or pickles (never exported)."""
+    check_model_dir(model_dir, what="embedder")
     layout = read_layout(model_dir)
     digest = sha256_file(layout.weights)
     target = cache_dir / f"onnx-{embedder_name(model_dir)}-{digest[:12]}"
@@ -203,7 +206,11 @@ def _export(layout: ModelLayout, path: Path) -> dict[str, str]:
     from transformers import AutoModel
 
     model = AutoModel.from_pretrained(
-        str(layout.transformer_dir), local_files_only=True, dtype=torch.float32
+        str(layout.transformer_dir),
+        local_files_only=True,
+        dtype=torch.float32,
+        trust_remote_code=False,
+        use_safetensors=True,
     ).eval()
     with_types = "token_type_ids" in inspect.signature(model.forward).parameters
     names = ["input_ids", "attention_mask"] + (["token_type_ids"] if with_types else [])
@@ -340,6 +347,8 @@ class OnnxEmbedder:
         cache_dir: Path | None = None,
     ) -> None:
         self._path = path or bundled_embedder_path()
+        # First, so that an unsafe directory is refused rather than left to the torch fallback.
+        check_model_dir(self._path, what="embedder")
         self._layout = read_layout(self._path)
         model_file = ensure_onnx_model(self._path, cache_dir or default_cache_dir())
         self._session = _session(model_file, threads)

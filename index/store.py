@@ -312,6 +312,26 @@ class ChunkStore:
             yield ids, texts
             offset += len(ids)
 
+    def chunk_metadata(self, name: str, page: int = 10_000) -> Iterator[tuple[str, ChunkMetadata]]:
+        """(id, metadata) of every chunk of ``name``, read a page at a time."""
+        collection = self._collection(name)
+        offset = 0
+        while True:
+            with _translated():
+                result = collection.get(include=cast(Any, ["metadatas"]), limit=page, offset=offset)
+            if not result["ids"]:
+                return
+            metadatas = result["metadatas"] or [{}] * len(result["ids"])
+            for id_, metadata in zip(result["ids"], metadatas, strict=True):
+                yield id_, _scalars(metadata)
+            offset += len(result["ids"])
+
+    def delete_chunks(self, name: str, ids: Sequence[str]) -> None:
+        collection = self._collection(name)
+        with _translated():
+            self._delete_ids(collection, ids)
+        self._touch(collection)
+
     # -- helpers
 
     def _collection(self, name: str) -> Collection:

@@ -1,5 +1,5 @@
 """The admin API: adapters. Mounted only when ``HYBRID_ADMIN_TOKEN`` is set; every route needs
-that bearer token (401 without one, 403 with a wrong one, compared in constant time)."""
+that bearer token (401 without it or with a wrong one, compared in constant time)."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from adapters.validation import resolve_import_path
 from service.adapter_registry import AdapterRegistry, AdapterSource, Registration, RoutingUpdate
 from service.auth import require_admin
 from service.errors import InvalidRequestError
+from service.openapi import json_body
 from service.parsing import invalid_request, parse_json_body
 from service.settings import Settings
 
@@ -87,7 +88,8 @@ class UpdateAdapter(BaseModel):
         )
 
 
-@router.post("/adapters", status_code=201)
+# The JSON form is described; the multipart upload (see the README) is accepted too.
+@router.post("/adapters", status_code=201, openapi_extra=json_body(RegisterAdapter))
 async def register_adapter(request: Request, registry: RegistryDep) -> JSONResponse:
     settings: Settings = request.app.state.settings
     content_type = request.headers.get("content-type", "")
@@ -115,7 +117,7 @@ async def get_adapter(name: str, registry: RegistryDep) -> dict[str, Any]:
     return adapter_json(registry.get(name))
 
 
-@router.patch("/adapters/{name}")
+@router.patch("/adapters/{name}", openapi_extra=json_body(UpdateAdapter))
 async def update_adapter(name: str, request: Request, registry: RegistryDep) -> dict[str, Any]:
     body = await parse_json_body(request, UpdateAdapter)
     return adapter_json(await registry.update(name, body.update()))

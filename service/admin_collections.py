@@ -20,6 +20,7 @@ from index.store import CollectionInfo
 from service.auth import require_admin
 from service.errors import InvalidRequestError
 from service.knowledge import Knowledge, UploadedFile
+from service.openapi import json_body
 from service.parsing import parse_json_body
 
 MAX_FILES = 1000
@@ -62,7 +63,8 @@ class IngestRequest(BaseModel):
         ]
 
 
-@router.post("/{name}/documents")
+# The JSON form is described; multipart files (see the README) are accepted too.
+@router.post("/{name}/documents", openapi_extra=json_body(IngestRequest))
 async def ingest(name: str, request: Request, knowledge: KnowledgeDep) -> dict[str, Any]:
     content_type = request.headers.get("content-type", "")
     if content_type.startswith("multipart/form-data"):

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Depends, Request
 
 from service.auth import require_admin
 from service.chat import ChatService
+from service.openapi import json_body
 from service.parsing import parse_json_body
 from service.protocol import ChatCompletionRequest
 from service.router import Router
@@ -23,7 +24,7 @@ async def show_router(request: Request) -> dict[str, Any]:
     return {"object": "router", **routing.configuration(await routing.domain_signal())}
 
 
-@router.post("/explain")
+@router.post("/explain", openapi_extra=json_body(ChatCompletionRequest))
 async def explain_route(request: Request) -> dict[str, Any]:
     """``{"route": ...}`` for a chat request body: the object its response would carry."""
     body = await parse_json_body(request, ChatCompletionRequest)

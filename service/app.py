@@ -13,6 +13,7 @@ from pathlib import Path
 
 from fastapi import FastAPI
 
+from adapters.model_files import check_model_dir
 from adapters.store import AdapterStore
 from adapters.validation import BaseModelInfo
 from service import __version__
@@ -20,6 +21,7 @@ from service.adapter_registry import AdapterRegistry
 from service.admin import router as admin_router
 from service.admin_collections import router as collections_router
 from service.admin_router import router as routing_admin
+from service.admission import Admission, AdmissionControl
 from service.bundled_model import HF_ID, SERVED_NAME, ensure_bundled_model
 from service.catalog import ModelCatalog
 from service.chat import ChatService
@@ -30,7 +32,7 @@ from service.knowledge import Knowledge
 from service.launcher import EngineSupervisor, vllm_command, vllm_environment
 from service.limits import RequestLimits
 from service.metrics import Metrics
-from service.middleware import BodySizeLimit, RequestContext
+from service.middleware import BodySizeLimit, HeaderLimits, RequestContext
 from service.router import Router
 from service.routes import router
 from service.settings import Settings, get_settings
@@ -47,11 +49,15 @@ def build_app(settings: Settings | None = None) -> FastAPI:
         version=__version__,
         summary="OpenAI-compatible chat over vLLM with LoRA adapters and retrieval.",
         lifespan=_lifespan,
+        # Starlette's redirect of "/v1/models/" builds its Location from the client's Host
+        # header (an open redirect): an unknown path is a plain 404.
+        redirect_slashes=False,
     )
     app.state.settings = settings
     app.state.metrics = metrics
     # Parsed once here rather than on every /v1 request.
     app.state.api_keys = settings.api_key_set
+    app.state.admission = Admission(settings.max_concurrent_requests, retry_after_s=settings.retry_after_s)
     app.include_router(router)
     if settings.admin_token is not None:
         app.include_router(admin_router)
@@ -71,6 +77,13 @@ def build_app(settings: Settings | None = None) -> FastAPI:
             "/admin/": settings.max_upload_bytes,
         },
     )
+    # Inside the request context (a 429 or 503 gets its id and is counted), outside the size
+    # limit: a refused request costs no body read.
+    app.add_middleware(AdmissionControl, admission=app.state.admission, metrics=metrics)
+    # Before admission, auth and routing: an oversized head takes no slot and is never parsed.
+    app.add_middleware(
+        HeaderLimits, max_bytes=settings.max_header_bytes, max_headers=settings.max_headers, metrics=metrics
+    )
     app.add_middleware(RequestContext, metrics=metrics, routes=routes)
     return app
 
@@ -79,6 +92,8 @@ def build_app(settings: Settings | None = None) -> FastAPI:
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     metrics: Metrics = app.state.metrics
+    # First, before any client is opened: an unsafe model directory stops the start here.
+    model_dir = await asyncio.to_thread(_local_model, settings) if settings.manages_engine else None
     session = engine_session(
         connect_timeout_s=settings.engine_connect_timeout_s,
         read_timeout_s=settings.engine_read_timeout_s,
@@ -87,7 +102,6 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     )
     engine = VLLMEngine(session, settings.engine_base_url, retry_after_s=settings.retry_after_s)
     catalog = ModelCatalog(engine, retry_after_s=settings.retry_after_s)
-    model_dir = await asyncio.to_thread(_local_model, settings) if settings.manages_engine else None
     store = await asyncio.to_thread(AdapterStore, settings.adapter_store_dir)
     registry = AdapterRegistry(
         store,
@@ -151,6 +165,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
             app.state.router,
             attach_citations=settings.rag_citations == "attach",
             answer_tokens=settings.rag_answer_tokens,
+            screen_instructions=settings.rag_screen_instructions,
+            redact_secrets=settings.redact_system_secrets,
         )
         yield
     finally:
@@ -215,7 +231,11 @@ class _BaseModelFacts:
 
 
 def _local_model(settings: Settings) -> tuple[Path, str]:
+    """The local engine's model directory and served name; UnsafeModelError before the engine
+    ever sees a directory holding code, pickles or no safetensors (even without ``serve``)."""
     if settings.model_dir is not None:
+        check_model_dir(settings.model_dir)
         return settings.model_dir, settings.served_model_name or settings.model_dir.name
     bundled = ensure_bundled_model(settings.cache_dir)
+    check_model_dir(bundled.path)
     return bundled.path, settings.served_model_name or SERVED_NAME

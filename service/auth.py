@@ -8,13 +8,14 @@ import hmac
 
 from fastapi import Request
 
-from service.errors import AuthenticationError, PermissionDeniedError
+from service.errors import AuthenticationError
 from service.settings import Settings
 
 
 def bearer_token(request: Request) -> str | None:
     scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    # Taken as sent: a token with stray spaces is a different token, not a near miss.
+    # RFC 7235: the scheme is case-insensitive ("bearer <key>" is accepted). The token is taken
+    # as sent: a token with stray spaces is a different token, not a near miss.
     if scheme.lower() != "bearer" or not given:
         return None
     return given
@@ -42,7 +43,9 @@ async def require_api_key(request: Request) -> None:
 
 
 async def require_admin(request: Request) -> None:
-    """401 without a bearer token, 403 with one that is not the admin token."""
+    """401 without a bearer token or with one that is not the admin token: a wrong token
+    identifies nobody (RFC 7235's 401; 403 is for a known caller without the right), and it is
+    how OpenAI answers a wrong key."""
     settings: Settings = request.app.state.settings
     assert settings.admin_token is not None  # the admin routers are mounted only with a token
     given = bearer_token(request)
@@ -53,4 +56,8 @@ async def require_admin(request: Request) -> None:
             headers={"WWW-Authenticate": "Bearer"},
         )
     if not token_matches(given, settings.admin_token.get_secret_value()):
-        raise PermissionDeniedError("The admin token is not valid.", code="invalid_admin_token")
+        raise AuthenticationError(
+            "The admin token is not valid.",
+            code="invalid_admin_token",
+            headers={"WWW-Authenticate": "Bearer"},
+        )

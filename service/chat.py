@@ -3,9 +3,12 @@ what comes back. No HTTP here; the routes wrap it."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections import Counter
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import ValidationError
@@ -14,17 +17,30 @@ from service.adapter_registry import AdapterRegistry
 from service.augment import Augmenter
 from service.catalog import AUTO, ModelCatalog
 from service.citations import Citations
-from service.context_block import query_text
+from service.context_block import message_text, query_text
 from service.engine import Engine, EngineStream
 from service.errors import APIError, NotFoundError, UpstreamError
+from service.injection import screen_passage
 from service.limits import RequestLimits
 from service.metrics import Metrics
 from service.protocol import ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, RouteDecision
+from service.redaction import SecretRedactor, StreamRedactor
 from service.router import Decision, Pin, Router
 
 logger = logging.getLogger(__name__)
 
 DONE = "[DONE]"
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """A request made ready for the engine."""
+
+    model: str  # the name clients see
+    payload: dict[str, Any]
+    route: RouteDecision
+    removed: Sequence[Counter[str]]  # instructions screened out of each passage, in source order
+    redactor: SecretRedactor | None  # the secrets of the request's system prompt, if any
 
 
 class ChatService:
@@ -39,6 +55,8 @@ class ChatService:
         *,
         attach_citations: bool = True,
         answer_tokens: int = 512,
+        screen_instructions: bool = True,
+        redact_secrets: bool = True,
     ) -> None:
         self._engine = engine
         self._catalog = catalog
@@ -48,6 +66,8 @@ class ChatService:
         self._router = router
         self._augmenter = Augmenter(engine, answer_tokens=answer_tokens)
         self._attach_citations = attach_citations
+        self._screen_instructions = screen_instructions
+        self._redact_secrets = redact_secrets
 
     async def _resolve(self, requested: str) -> tuple[str, Pin | None]:
         """The base model's engine id, and what the request's ``model`` pins (None: ``auto``)."""
@@ -60,35 +80,63 @@ class ChatService:
         await self._catalog.resolve(requested)  # 404 for a model that does not exist
         return requested, Pin(None)
 
-    async def _prepare(self, request: ChatCompletionRequest) -> tuple[str, dict[str, Any], RouteDecision]:
+    async def _prepare(self, request: ChatCompletionRequest) -> _Prepared:
         self._limits.check(request)
         base, pin = await self._resolve(request.model)
         payload = request.engine_payload(base)
+        # Secrets come from the client's own system and developer messages (developer is
+        # system by now), read before any source is added.
+        system = [message_text(m["content"]) for m in payload["messages"] if m["role"] == "system"]
+        redactor = SecretRedactor.for_messages(system) if self._redact_secrets else None
         if self._router is not None:
             decision = await self._router.decide(payload["messages"], pin=pin, rag=request.rag)
         else:
             adapter = pin.adapter if pin is not None else None
             decision = Decision(adapter, [], {}, None, "routing is not configured")
+        removed: list[Counter[str]] = []
+        if self._screen_instructions and decision.passages:
+            screened = [screen_passage(passage) for passage in decision.passages]
+            decision = dataclasses.replace(decision, passages=[passage for passage, _ in screened])
+            removed = [kinds for _, kinds in screened]
         model = decision.adapter or base
         payload["model"] = self._adapters.engine_id(model) if decision.adapter and self._adapters else model
         route = await self._augmenter.apply(decision, payload, base)
         logger.info("route %s: %s", route.header(), route.reason)
-        return model, payload, route
+        return _Prepared(model, payload, route, removed[: len(route.rag.sources)], redactor)
+
+    def _count(self, prepared: _Prepared) -> None:
+        """Metrics and logs of a request about to be generated (not of an explained one)."""
+        self._metrics.count_route(prepared.route)
+        for source, kinds in zip(prepared.route.rag.sources, prepared.removed, strict=False):
+            if kinds:
+                self._metrics.count_injections(kinds)
+                logger.warning(
+                    "removed %d instruction(s) to the model (%s) from source [%d] %s (chunk %s)",
+                    sum(kinds.values()),
+                    ", ".join(sorted(kinds)),
+                    source.id,
+                    source.source,
+                    source.chunk_id,
+                )
 
     async def explain(self, request: ChatCompletionRequest) -> RouteDecision:
         """The decision a chat request would get, without generating."""
-        _, _, route = await self._prepare(request)
-        return route
+        return (await self._prepare(request)).route
 
     async def complete(self, request: ChatCompletionRequest) -> ChatCompletion:
-        model, payload, route = await self._prepare(request)
-        self._metrics.count_route(route)
+        prepared = await self._prepare(request)
+        model, payload, route = prepared.model, prepared.payload, prepared.route
+        self._count(prepared)
         try:
             completion = await self._engine.chat(payload)
         except NotFoundError:
             self._catalog.forget()
             raise
         self._metrics.count_usage(model, completion.usage)
+        if prepared.redactor is not None:
+            completion, redacted = prepared.redactor.completion(completion)
+            _count_redactions(self._metrics, redacted)
+        # Citations are chosen from what the client will read, redactions included.
         citations = self._citations(route, payload)
         if citations is not None:
             completion = citations.attach(completion)
@@ -98,8 +146,9 @@ class ChatService:
     async def stream(self, request: ChatCompletionRequest) -> ChatStream:
         """Open the upstream stream before answering, so that the engine's refusals (context
         too long, unknown model) are plain HTTP errors rather than events in a 200 stream."""
-        model, payload, route = await self._prepare(request)
-        self._metrics.count_route(route)
+        prepared = await self._prepare(request)
+        model, payload, route = prepared.model, prepared.payload, prepared.route
+        self._count(prepared)
         # Usage is always asked of the engine (for the token metrics); the client sees it
         # only if it asked too.
         payload["stream_options"] = {"include_usage": True}
@@ -116,6 +165,7 @@ class ChatService:
             metrics=self._metrics,
             route=route,
             citations=self._citations(route, payload),
+            redactor=StreamRedactor(prepared.redactor) if prepared.redactor is not None else None,
         )
 
     def _citations(self, route: RouteDecision, payload: dict[str, Any]) -> Citations | None:
@@ -138,6 +188,7 @@ class ChatStream:
         metrics: Metrics,
         route: RouteDecision,
         citations: Citations | None = None,
+        redactor: StreamRedactor | None = None,
     ) -> None:
         self._upstream = upstream
         self._model = model
@@ -145,6 +196,7 @@ class ChatStream:
         self._metrics = metrics
         self.route = route
         self._citations = citations
+        self._redactor = redactor
 
     async def events(self) -> AsyncIterator[str]:
         first = True
@@ -157,22 +209,42 @@ class ChatStream:
                         if not chunk.choices:
                             continue
                         chunk = chunk.model_copy(update={"usage": None})
+                # Redaction first: it holds back the tail that may begin a secret, and citations
+                # are added to the last chunk after the held text is released.
+                if self._redactor is not None:
+                    chunk, redacted = self._redactor.follow(chunk)
+                    _count_redactions(self._metrics, redacted)
                 if self._citations is not None:
                     chunk = self._citations.follow(chunk)
-                if first:
-                    chunk = chunk.model_copy(update={"route": self.route, "model": self._model})
-                    first = False
-                elif chunk.model != self._model:  # an adapter the engine knows by its version's id
-                    chunk = chunk.model_copy(update={"model": self._model})
-                yield chunk.model_dump_json()
+                yield self._finish(chunk, first)
+                first = False
+            if self._redactor is not None:  # an answer that never finished: its held text
+                tail, redacted = self._redactor.drain()
+                _count_redactions(self._metrics, redacted)
+                if tail is not None:
+                    yield self._finish(tail, first)
         except APIError as exc:
             logger.warning("stream ended by an engine error: %s", exc.message)
             self._metrics.count_error(exc.error_type, exc.code)
             yield json.dumps(exc.envelope())
         yield DONE
 
+    def _finish(self, chunk: ChatCompletionChunk, first: bool) -> str:
+        """The chunk's JSON, with the route on the first and the client's model name on all."""
+        if first:
+            chunk = chunk.model_copy(update={"route": self.route, "model": self._model})
+        elif chunk.model != self._model:  # an adapter the engine knows by its version's id
+            chunk = chunk.model_copy(update={"model": self._model})
+        return chunk.model_dump_json()
+
     async def aclose(self) -> None:
         await self._upstream.aclose()
+
+
+def _count_redactions(metrics: Metrics, count: int) -> None:
+    if count:
+        metrics.count_redactions(count)
+        logger.warning("redacted %d secret(s) of the system prompt from an answer", count)
 
 
 def _parse_chunk(data: str) -> ChatCompletionChunk:

@@ -53,23 +53,29 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from service.app import build_app
+    from service.http_protocol import gateway_protocol
+    from service.launcher import model_dirs_problem
+    from service.server import serve
 
     settings = _settings(host=args.host, port=args.port)
-    if settings.exposure_problem is not None:
-        print(f"hybrid-serve serve: {settings.exposure_problem}", file=sys.stderr)
+    problem = settings.exposure_problem or model_dirs_problem(settings)
+    if problem is not None:
+        print(f"hybrid-serve serve: {problem}", file=sys.stderr)
         return 2
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    uvicorn.run(
-        build_app(settings),
+    app = build_app(settings)
+    config = uvicorn.Config(
+        app,
         host=settings.host,
         port=settings.port,
         workers=1,
         log_level=settings.log_level.lower(),
         access_log=False,
-        timeout_graceful_shutdown=int(settings.drain_timeout_s),
+        http=gateway_protocol(settings.max_header_bytes),
     )
+    serve(config, app.state.admission, settings.drain_timeout_s)
     return 0
 
 

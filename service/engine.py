@@ -30,6 +30,7 @@ from service.errors import (
     EngineUnavailableError,
     InvalidRequestError,
     NotFoundError,
+    PayloadTooLargeError,
     UpstreamError,
 )
 from service.protocol import ChatCompletion, ModelCard, ModelList, PromptSize
@@ -189,6 +190,8 @@ class VLLMEngine:
             return InvalidRequestError(message, param=param, code=code)
         if status == 404:
             return NotFoundError(message, param=param or "model", code="model_not_found")
+        if status == 413:  # a proxy before the engine with a smaller body limit than the gateway's
+            return PayloadTooLargeError(f"The model engine refused the request as too large: {message}")
         if status == 503:
             return EngineUnavailableError(message, retry_after_s=self._retry_after_s)
         return UpstreamError(f"The model engine failed (HTTP {status}): {message}")

@@ -8,6 +8,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
+from starlette.routing import Match
 
 from service.errors import APIError, InvalidRequestError
 from service.metrics import Metrics
@@ -37,12 +38,17 @@ def install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
     async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, HTTPException)
         message = str(exc.detail)
+        headers = dict(exc.headers or {})
         if exc.status_code == 404:
             message = f"Unknown request URL: {request.method} {request.url.path}."
+        if exc.status_code == 405:
+            # Starlette names only the first route on the path; GET and POST of one path are
+            # two routes here (and HEAD /health its own), so every one is asked.
+            headers["Allow"] = ", ".join(sorted(_allowed_methods(request))) or headers.get("Allow", "")
         return respond(
             APIError(
                 message,
-                headers=dict(exc.headers or {}),
+                headers=headers,
                 status_code=exc.status_code,
                 error_type="invalid_request_error" if exc.status_code < 500 else "server_error",
             )
@@ -59,3 +65,12 @@ def install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
     app.add_exception_handler(HTTPException, on_http_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(Exception, on_unexpected)
+
+
+def _allowed_methods(request: Request) -> set[str]:
+    methods: set[str] = set()
+    for route in request.app.routes:
+        match, _ = route.matches(request.scope)
+        if match is not Match.NONE:
+            methods |= getattr(route, "methods", None) or set()
+    return methods

@@ -4,12 +4,12 @@ The tree:
 
     APIError                      any failure that reaches a client
     ├── InvalidRequestError       400  the client's request is wrong (names ``param``)
-    ├── AuthenticationError       401
-    ├── PermissionDeniedError     403
+    ├── AuthenticationError       401  missing or wrong API key or admin token
     ├── NotFoundError             404  unknown model, adapter or route
     ├── ConflictError             409  a name already taken
     ├── PayloadTooLargeError      413  body over the configured limit
     ├── UnsupportedMediaTypeError 415  a body that is not JSON
+    ├── HeadersTooLargeError      431  too many headers, or too many header bytes
     ├── EngineUnavailableError    503  engine down or restarting (sends Retry-After)
     ├── EngineTimeoutError        504  engine silent past the read timeout
     └── UpstreamError             502  the engine answered something we cannot use
@@ -64,11 +64,6 @@ class AuthenticationError(APIError):
     error_type = "authentication_error"
 
 
-class PermissionDeniedError(APIError):
-    status_code = 403
-    error_type = "permission_error"
-
-
 class NotFoundError(APIError):
     status_code = 404
     error_type = "invalid_request_error"
@@ -87,6 +82,14 @@ class PayloadTooLargeError(APIError):
 class UnsupportedMediaTypeError(APIError):
     status_code = 415
     error_type = "invalid_request_error"
+
+
+class HeadersTooLargeError(APIError):
+    status_code = 431
+    error_type = "invalid_request_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, code="request_header_fields_too_large")
 
 
 class EngineUnavailableError(APIError):

@@ -27,6 +27,7 @@ from index.errors import (
 from index.ingest import Ingestor, IngestResult
 from index.lexical import LexicalIndex
 from index.loaders import load_file
+from index.recovery import recover
 from index.retrieval import Retriever
 from index.store import ChunkStore, CollectionInfo, http_client, persistent_client
 from service.errors import (
@@ -85,6 +86,8 @@ class Knowledge:
             settings.index_path.mkdir(parents=True, exist_ok=True)
             client = persistent_client(str(settings.index_path))
         store = ChunkStore(client, embedder=embedder.name)
+        if settings.chroma_url is None:
+            recover(store)  # before anything is served: a killed gateway may have left half a write
         retriever = Retriever(store, embedder, LexicalIndex(), mode=settings.retrieval_mode)
         return cls(store, embedder, policy, retriever, settings.retry_after_s)
 

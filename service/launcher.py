@@ -19,7 +19,9 @@ from pathlib import Path
 
 import aiohttp
 
+from adapters.model_files import UnsafeModelError, check_model_dir
 from adapters.store import VERSIONS_DIR
+from service.bundled_model import model_dir as bundled_model_dir
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -47,6 +49,10 @@ def vllm_command(settings: Settings, model_dir: Path, served_name: str) -> list[
         "vllm.entrypoints.openai.api_server",
         "--model",
         str(model_dir),
+        # Weights are read as safetensors or not at all: vLLM itself then refuses a pickle,
+        # whatever files sit beside them (check_model_dir refuses those before this).
+        "--load-format",
+        "safetensors",
         "--served-model-name",
         served_name,
         "--host",
@@ -67,6 +73,29 @@ def vllm_command(settings: Settings, model_dir: Path, served_name: str) -> list[
     if settings.engine_api_key is not None:
         command += ["--api-key", settings.engine_api_key.get_secret_value()]
     return command + list(settings.engine_extra_args)
+
+
+def model_dirs_problem(settings: Settings) -> str | None:
+    """Why ``serve`` must not start as configured, or None: a model directory it would load
+    (the local engine's, HYBRID_BASE_MODEL_DIR, HYBRID_EMBEDDER_DIR) holds code, pickles or no
+    safetensors. The bundled model is checked here once built, and by the app after building it."""
+    bundled = bundled_model_dir(settings.cache_dir)
+    configured = [
+        ("HYBRID_BASE_MODEL_DIR", settings.base_model_dir),
+        ("HYBRID_EMBEDDER_DIR", settings.embedder_dir),
+    ]
+    if settings.manages_engine and settings.model_dir is not None:
+        configured.insert(0, ("HYBRID_MODEL_DIR", settings.model_dir))
+    elif settings.manages_engine and bundled.exists():
+        configured.insert(0, ("the bundled model", bundled))
+    for source, directory in configured:
+        if directory is None:
+            continue
+        try:
+            check_model_dir(directory)
+        except UnsafeModelError as error:
+            return f"{error} ({source})"
+    return None
 
 
 def vllm_environment(settings: Settings) -> dict[str, str]:

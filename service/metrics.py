@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
 from service.protocol import RouteDecision, Usage
@@ -46,6 +48,17 @@ class Metrics:
         self.engine_restarts = Counter(
             "hybrid_engine_restarts", "Restarts of the supervised engine.", registry=self.registry
         )
+        self.injections_removed = Counter(
+            "hybrid_injections_removed",
+            "Sentences of retrieved passages removed as instructions to the model, by kind.",
+            ["kind"],
+            registry=self.registry,
+        )
+        self.secrets_redacted = Counter(
+            "hybrid_secrets_redacted",
+            "Secrets of a request's system prompt redacted from its answers.",
+            registry=self.registry,
+        )
 
     def count_usage(self, model: str, usage: Usage | None) -> None:
         if usage is not None:
@@ -54,6 +67,14 @@ class Metrics:
 
     def count_route(self, route: RouteDecision) -> None:
         self.routes.labels(route.kind, route.adapter or "").inc()
+
+    def count_injections(self, removed: Mapping[str, int]) -> None:
+        for kind, count in removed.items():
+            self.injections_removed.labels(kind).inc(count)
+
+    def count_redactions(self, count: int) -> None:
+        if count:
+            self.secrets_redacted.inc(count)
 
     def count_error(self, error_type: str, code: str | None) -> None:
         self.errors.labels(error_type, code or "").inc()

@@ -8,7 +8,7 @@ import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import APIError, PayloadTooLargeError
+from service.errors import APIError, HeadersTooLargeError, PayloadTooLargeError
 from service.metrics import Metrics
 
 
@@ -52,6 +52,33 @@ class BodySizeLimit:
 
     def _too_large(self, limit: int) -> PayloadTooLargeError:
         return PayloadTooLargeError(f"The request body exceeds the limit of {limit} bytes.")
+
+
+class HeaderLimits:
+    """431 for more than ``max_headers`` headers or more than ``max_bytes`` of header names and
+    values, before routing or auth reads any of them (a 100 kB bearer token is not compared)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int, max_headers: int, metrics: Metrics) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+        self.max_headers = max_headers
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = scope["headers"]
+        size = sum(len(name) + len(value) for name, value in headers)
+        if len(headers) > self.max_headers or size > self.max_bytes:
+            error = HeadersTooLargeError(
+                f"The request has {len(headers)} headers of {size} bytes: at most {self.max_headers} "
+                f"headers and {self.max_bytes} bytes are accepted."
+            )
+            self.metrics.count_error(error.error_type, error.code)
+            await send_error(send, error)
+            return
+        await self.app(scope, receive, send)
 
 
 REQUEST_ID = "request_id"
@@ -105,7 +132,8 @@ def _header(scope: Scope, name: bytes) -> str | None:
 
 
 async def send_error(send: Send, error: APIError) -> None:
-    headers = [(b"content-type", b"application/json")]
+    body = error.body()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     headers += [(k.lower().encode(), v.encode()) for k, v in error.headers.items()]
     await send({"type": "http.response.start", "status": error.status_code, "headers": headers})
-    await send({"type": "http.response.body", "body": error.body()})
+    await send({"type": "http.response.body", "body": body})

@@ -10,11 +10,13 @@ from sse_starlette import EventSourceResponse
 from starlette.types import Receive, Scope, Send
 
 from service.adapter_registry import AdapterRegistry
+from service.admission import Admission
 from service.auth import require_api_key
 from service.catalog import ModelCatalog
 from service.chat import ChatService, ChatStream
 from service.errors import APIError, EngineUnavailableError
 from service.metrics import Metrics
+from service.openapi import inline_schema, json_body
 from service.parsing import parse_json_body
 from service.protocol import ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ModelList
 from service.settings import Settings
@@ -63,11 +65,13 @@ class ChatEventStream(EventSourceResponse):
         200: {
             "description": "A completion, or with `stream: true` an SSE stream of chunks.",
             "content": {
-                _JSON: {"schema": ChatCompletion.model_json_schema()},
-                "text/event-stream": {"schema": ChatCompletionChunk.model_json_schema()},
+                _JSON: {"schema": inline_schema(ChatCompletion, "serialization")},
+                "text/event-stream": {"schema": inline_schema(ChatCompletionChunk, "serialization")},
             },
         }
     },
+    # The body is parsed by hand (strictly, errors in OpenAI's words), so it is described here.
+    openapi_extra=json_body(ChatCompletionRequest),
 )
 async def create_chat_completion(request: Request, chat: ChatDep) -> Response:
     body = await parse_json_body(request, ChatCompletionRequest)
@@ -85,7 +89,9 @@ async def list_models(request: Request, catalog: CatalogDep) -> Response:
     return Response(models.model_dump_json(), media_type=_JSON)
 
 
-@router.api_route("/health", methods=["GET", "HEAD"])
+# HEAD is the same operation: left out of the schema, where it would repeat GET's operation id.
+@router.head("/health", include_in_schema=False)
+@router.get("/health")
 async def health() -> dict[str, str]:
     """The process is alive (it says nothing about the engine: see /ready)."""
     return {"status": "ok"}
@@ -93,9 +99,12 @@ async def health() -> dict[str, str]:
 
 @router.get("/ready")
 async def ready(request: Request, catalog: CatalogDep) -> JSONResponse:
-    """The engine answers, serves its model and has every registered adapter loaded: 200,
-    else 503 with Retry-After."""
+    """The engine answers, serves its model and has every registered adapter loaded, and the
+    gateway is not draining: 200, else 503 with Retry-After."""
     settings: Settings = request.app.state.settings
+    admission: Admission = request.app.state.admission
+    if admission.draining:
+        raise admission.shutting_down()
     try:
         cards = await catalog.refresh()
     except APIError as exc:

@@ -35,6 +35,12 @@ class Settings(BaseSettings):
     drain_timeout_s: float = Field(
         30.0, gt=0, description="On SIGTERM, how long in-flight requests may take to finish."
     )
+    max_concurrent_requests: int = Field(
+        512,
+        ge=1,
+        description="Chat completions served at once; one more gets 429 with Retry-After at once "
+        "(before its body is read).",
+    )
     api_keys: SecretStr | None = Field(
         None,
         description="Comma-separated keys clients send as `Authorization: Bearer <key>` on /v1; "
@@ -176,12 +182,30 @@ class Settings(BaseSettings):
         description="`attach`: when an answer cites no source, the gateway cites those the answer "
         "restates; `model`: answers are left as the model wrote them.",
     )
+    rag_screen_instructions: bool = Field(
+        True,
+        description="Replace each sentence of a retrieved passage that gives the model instructions "
+        "(ignore previous instructions, forged role markers, reveal the system prompt, exfiltration "
+        "images...) with `[instruction removed]` before the model sees it.",
+    )
+    redact_system_secrets: bool = Field(
+        True,
+        description="Replace with `[redacted]` every credential-looking token of the request's system "
+        "and developer messages that appears in an answer, plain or streamed.",
+    )
     max_document_upload_bytes: int = Field(
         32 * 1024 * 1024, ge=1024, description="Largest body of a document upload (admin collections)."
     )
 
-    # -- request limits (a request beyond them is a 400 or 413, never a 5xx)
+    # -- request limits (a request beyond them is a 400, 413 or 431, never a 5xx)
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Largest request body.")
+    max_header_bytes: int = Field(
+        32 * 1024,
+        ge=1024,
+        description="Largest total size of a request's headers (names and values); 431 beyond. "
+        "The HTTP server also drops a connection whose request head outgrows it while arriving.",
+    )
+    max_headers: int = Field(100, ge=16, description="Most headers in one request; 431 beyond.")
     max_upload_bytes: int = Field(
         1024 * 1024 * 1024, ge=1024, description="Largest admin request body (adapter uploads)."
     )
@@ -224,6 +248,36 @@ class Settings(BaseSettings):
     def _a_rank_vllm_supports(cls, value: int) -> int:
         if value not in VLLM_LORA_RANKS:
             raise ValueError(f"max_lora_rank must be one of {sorted(VLLM_LORA_RANKS)}")
+        return value
+
+    @field_validator("engine_extra_args")
+    @classmethod
+    def _no_code_loading_engine_args(cls, value: list[str]) -> list[str]:
+        """The local engine loads checked safetensors and never a model's own code; these
+        arguments would undo that. vLLM reads ``_`` as ``-`` and takes any unambiguous prefix
+        of an option (``--trust-rem``), so names are compared that way."""
+        for i, arg in enumerate(value):
+            if not arg.startswith("--") or arg == "--":
+                continue
+            name, has_value, inline = arg.partition("=")
+            name = name.replace("_", "-")
+            if len(name) >= len("--tru") and "--trust-remote-code".startswith(name):
+                raise ValueError(
+                    f"engine_extra_args may not contain {arg!r}: the engine never runs code from a "
+                    "model directory (no --trust-remote-code); serve a model vLLM implements"
+                )
+            if len(name) >= len("--loa") and "--load-format".startswith(name):
+                given = inline if has_value else (value[i + 1] if i + 1 < len(value) else "")
+                if given.lower() != "safetensors":
+                    raise ValueError(
+                        f"engine_extra_args may not set --load-format {given!r}: the engine loads "
+                        "safetensors only (other formats may be pickles, which run code on load)"
+                    )
+            if name in ("--config", "--model"):
+                raise ValueError(
+                    f"engine_extra_args may not contain {name}: it would load what the model directory "
+                    "check never saw; set HYBRID_MODEL_DIR, and list engine arguments here"
+                )
         return value
 
     @model_validator(mode="after")

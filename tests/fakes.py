@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +32,8 @@ MODELS_PATH = "/v1/models"
 LOAD_LORA_PATH = "/v1/load_lora_adapter"
 UNLOAD_LORA_PATH = "/v1/unload_lora_adapter"
 TOKENIZE_PATH = "/tokenize"
+MAX_BODY_BYTES = 64 * 1024 * 1024
+"""vLLM (uvicorn) sets no body limit; aiohttp's default of 1 MiB would refuse big prompts."""
 
 
 # ---------------------------------------------------------------------------- vLLM's bodies
@@ -293,6 +295,9 @@ class FakeEngine:
     """How long a load takes (vLLM reads the weights from disk meanwhile)."""
     max_model_len: int = 8192
     """The context window ``/tokenize`` reports."""
+    default_reply: Callable[[dict[str, Any]], Reply] | None = None
+    """The reply to a chat request (its body given) when nothing is enqueued: for fuzzing, where
+    requests are too many to script; None: such a request is a test mistake."""
     peak_concurrent_loads: int = field(default=0, init=False)
     load_started: asyncio.Event = field(default_factory=asyncio.Event, init=False, repr=False)
     """Set once a load has passed vLLM's checks (a test can act while loads are in flight)."""
@@ -370,7 +375,7 @@ class FakeEngine:
     # -- the server
 
     async def start(self) -> None:
-        app = web.Application()
+        app = web.Application(client_max_size=MAX_BODY_BYTES)
         app.router.add_route("*", "/{tail:.*}", self._serve)
         self._runner = web.AppRunner(app, handle_signals=False, access_log=None)
         await self._runner.setup()
@@ -399,6 +404,8 @@ class FakeEngine:
         if request.method == "POST" and request.path == TOKENIZE_PATH:
             return self._tokenize(body if isinstance(body, dict) else {})
         if request.method == "POST" and request.path == CHAT_PATH:
+            if not self._replies and self.default_reply is not None:
+                return await self._reply(request, self.default_reply(body if isinstance(body, dict) else {}))
             if not self._replies:
                 self.unexpected += 1
                 return web.json_response({"error": "no reply enqueued"}, status=599)

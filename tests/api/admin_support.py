@@ -35,7 +35,7 @@ BASE_ID = SERVED_NAME
 ADMIN = "/admin/adapters"
 MAX_RANK = 16
 
-_ERROR_TYPES = {401: "authentication_error", 403: "permission_error"}
+_ERROR_TYPES = {401: "authentication_error"}
 
 
 def admin_settings(*, base_dir: Path, import_dir: Path | None, **overrides: Any) -> Settings:
@@ -160,7 +160,7 @@ def store_adapter(store: AdapterStore, name: str, adapter: Path, base_dir: Path)
 def assert_admin_error(
     response: httpx.Response, status: int, *, param: str | None, code: str | None
 ) -> dict[str, Any]:
-    """``status`` with exactly the one error envelope (401 and 403 have their own types)."""
+    """``status`` with exactly the one error envelope (401 has its own type)."""
     return assert_error(response, status, param=param, code=code, error_type=_ERROR_TYPES.get(status))
 
 

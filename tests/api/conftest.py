@@ -71,6 +71,16 @@ def chat_body(**fields: Any) -> dict[str, Any]:
     return {"model": "auto", "messages": [USER], **fields}
 
 
+async def assert_still_serving(
+    client: httpx.AsyncClient, engine: FakeEngine, headers: dict[str, str] | None = None
+) -> None:
+    """A valid chat request is still answered: whatever came before harmed nothing."""
+    engine.enqueue_completion("Still here.")
+    response = await client.post(CHAT, json=chat_body(), headers=headers)
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["message"]["content"] == "Still here."
+
+
 def assert_error(
     response: httpx.Response,
     status: int,

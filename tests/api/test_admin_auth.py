@@ -1,5 +1,5 @@
 """The admin API's own bearer token: no routes without one configured, 401 without a bearer
-token, 403 with any other token (however odd its bytes), and the public routes untouched."""
+token or with any other token (however odd its bytes), and the public routes untouched."""
 
 from __future__ import annotations
 
@@ -86,7 +86,7 @@ async def test_an_unauthenticated_upload_is_refused_before_anything_is_stored(
     await assert_nothing_registered(client, engine, store_dir)
 
 
-# ---------------------------------------------------------------------------- 403: a wrong token
+# ---------------------------------------------------------------------------- 401: a wrong token
 
 WRONG_TOKENS: dict[str, bytes] = {
     "wrong": b"not-the-secret",
@@ -109,10 +109,11 @@ WRONG_TOKENS: dict[str, bytes] = {
 
 
 @pytest.mark.parametrize("token", WRONG_TOKENS.values(), ids=WRONG_TOKENS.keys())
-async def test_a_wrong_token_is_403(client: httpx.AsyncClient, engine: FakeEngine, token: bytes) -> None:
+async def test_a_wrong_token_is_401(client: httpx.AsyncClient, engine: FakeEngine, token: bytes) -> None:
     for method, path in ROUTES:
         response = await call(client, method, path, {b"Authorization": b"Bearer " + token})
-        assert_admin_error(response, 403, param=None, code="invalid_admin_token")
+        assert_admin_error(response, 401, param=None, code="invalid_admin_token")
+        assert response.headers["www-authenticate"] == "Bearer"
         assert TOKEN not in response.text
     assert engine.requests == []
 
@@ -121,7 +122,7 @@ async def test_a_wrong_token_cannot_upload(
     client: httpx.AsyncClient, engine: FakeEngine, store_dir: Path, lora_adapter: Path
 ) -> None:
     response = await upload(client, "pirate", lora_adapter, headers={"Authorization": "Bearer guess"})
-    assert_admin_error(response, 403, param=None, code="invalid_admin_token")
+    assert_admin_error(response, 401, param=None, code="invalid_admin_token")
     await assert_nothing_registered(client, engine, store_dir)
 
 
@@ -148,9 +149,9 @@ class TestNonAsciiToken:
         response = await client.get(ADMIN, headers={b"Authorization": b"Bearer " + self.TOKEN.encode()})
         assert response.status_code == 200, response.text
 
-    async def test_a_wrong_non_ascii_token_is_403(self, client: httpx.AsyncClient) -> None:
+    async def test_a_wrong_non_ascii_token_is_401(self, client: httpx.AsyncClient) -> None:
         response = await client.get(ADMIN, headers={b"Authorization": "Bearer sécret-ö".encode()})
-        assert_admin_error(response, 403, param=None, code="invalid_admin_token")
+        assert_admin_error(response, 401, param=None, code="invalid_admin_token")
 
 
 # ---------------------------------------------------------------------------- the public routes

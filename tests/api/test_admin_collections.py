@@ -752,11 +752,12 @@ async def test_without_a_token_is_401(client: httpx.AsyncClient, method: str, pa
 
 
 @pytest.mark.parametrize(("method", "path"), ROUTES)
-async def test_a_wrong_token_is_403(client: httpx.AsyncClient, method: str, path: str) -> None:
+async def test_a_wrong_token_is_401(client: httpx.AsyncClient, method: str, path: str) -> None:
     await ingested(client, "notes", doc("docs/a.md", REFUNDS))
     before = await listed(client)
     response = await call(client, method, path, {"Authorization": "Bearer not-the-token"})
-    assert_admin_error(response, 403, param=None, code="invalid_admin_token")
+    assert_admin_error(response, 401, param=None, code="invalid_admin_token")
+    assert response.headers["www-authenticate"] == "Bearer"
     assert await listed(client) == before
 
 

@@ -3,6 +3,8 @@ nothing loaded into the engine, nothing listed, nothing in the store."""
 
 from __future__ import annotations
 
+import json
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,6 +72,20 @@ REFUSALS = {
         "config.auto_map",
         config=lambda a: edited_config(a, auto_map={"AutoModel": "evil.Model"}),
         says="custom code",
+    ),
+    "trust-remote-code": Refusal(
+        "config.trust_remote_code",
+        config=lambda a: edited_config(a, trust_remote_code=True),
+        says="custom code",
+    ),
+    "python-as-weights": Refusal(
+        "weights",
+        weights=b"import os\nos.system('echo pwned')\n",
+        weights_filename="modeling_lora.py",
+        says="safetensors",
+    ),
+    "ckpt-weights": Refusal(
+        "weights", weights=b"\x80\x04\x95" + b"\x00" * 64, weights_filename="adapter.ckpt", says="pickled"
     ),
     "unknown-target-module": Refusal(
         "config.target_modules",
@@ -178,3 +194,80 @@ async def test_an_upload_missing_a_file_is_400(
     response = await client.post(ADMIN, data={"name": "pirate"}, files=files, headers=AUTH)
     assert_admin_error(response, 400, param="adapter_model", code=None)
     await assert_nothing_registered(client, engine, store_dir)
+
+
+# ---------------------------------------------------------------------------- import directories
+
+
+def _with_python(adapter: Path) -> str:
+    (adapter / "modeling_lora.py").write_text("import os\nos.system('echo pwned')\n")
+    return "modeling_lora.py"
+
+
+def _with_auto_map(adapter: Path) -> str:
+    config = json.loads((adapter / CONFIG_FILE).read_text())
+    (adapter / CONFIG_FILE).write_text(json.dumps({**config, "auto_map": {"AutoModel": "evil.Model"}}))
+    return CONFIG_FILE
+
+
+def _with_training_args(adapter: Path) -> str:
+    (adapter / "training_args.bin").write_bytes(b"\x80\x04\x95" + b"\x00" * 64)
+    return "training_args.bin"
+
+
+def _with_a_checkpoint(adapter: Path) -> str:
+    (adapter / "checkpoint-10").mkdir()
+    (adapter / "checkpoint-10" / "optimizer.pt").write_bytes(b"PK\x03\x04")
+    return "checkpoint-10/optimizer.pt"
+
+
+def _with_a_link_outside(adapter: Path) -> str:
+    outside = adapter.parent.parent / "elsewhere"
+    outside.mkdir()
+    (adapter / "code").symlink_to(outside, target_is_directory=True)
+    return "code"
+
+
+IMPORTS_REFUSED = {
+    "python-file": (_with_python, "Python code"),
+    "auto-map": (_with_auto_map, "auto_map"),
+    "pickle-beside-safetensors": (_with_training_args, "pickle"),
+    "pickle-in-a-subdirectory": (_with_a_checkpoint, "pickle"),
+    "link-to-a-directory-outside": (_with_a_link_outside, "outside"),
+}
+
+
+@pytest.mark.parametrize(("spoil", "says"), IMPORTS_REFUSED.values(), ids=IMPORTS_REFUSED.keys())
+async def test_an_import_dir_carrying_code_or_pickles_is_400_naming_the_file(
+    client: httpx.AsyncClient,
+    engine: FakeEngine,
+    import_dir: Path,
+    store_dir: Path,
+    lora_adapter: Path,
+    spoil: Callable[[Path], str],
+    says: str,
+) -> None:
+    """Only the two PEFT files would be copied, but a directory carrying code or pickles is refused
+    whole, with the file named, before anything is read from it."""
+    source = import_dir / "pirate"
+    shutil.copytree(lora_adapter, source)
+    offending = spoil(source)
+    response = await client.post(ADMIN, json={"name": "pirate", "path": "pirate"}, headers=AUTH)
+    error = assert_admin_error(response, 400, param="path", code="invalid_adapter")
+    assert f"'{offending}'" in error["message"]
+    assert says in error["message"]
+    await assert_nothing_registered(client, engine, store_dir)
+
+
+async def test_an_import_dir_with_a_training_runs_files_is_accepted(
+    client: httpx.AsyncClient, engine: FakeEngine, import_dir: Path, lora_adapter: Path
+) -> None:
+    """What ``hybrid-serve adapters train`` leaves beside the weights is data, not code."""
+    source = import_dir / "pirate"
+    shutil.copytree(lora_adapter, source)
+    (source / "README.md").write_text("# pirate\n")
+    (source / "report.json").write_text('{"verdict": "better"}')
+    (source / "loss_curve.png").write_bytes(b"\x89PNG\r\n")
+    response = await client.post(ADMIN, json={"name": "pirate", "path": "pirate"}, headers=AUTH)
+    assert response.status_code == 201, response.text
+    assert set(engine.loras) == {"pirate"}

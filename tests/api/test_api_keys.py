@@ -62,5 +62,5 @@ async def test_probes_and_metrics_need_no_key(client: httpx.AsyncClient, path: s
 
 async def test_an_api_key_is_not_an_admin_token(client: httpx.AsyncClient) -> None:
     response = await client.get("/admin/adapters", headers=bearer(KEYS[0]))
-    assert_error(response, 403, param=None, code="invalid_admin_token", error_type="permission_error")
+    assert_error(response, 401, param=None, code="invalid_admin_token", error_type="authentication_error")
     assert (await client.get("/admin/adapters", headers=bearer(ADMIN_TOKEN))).status_code == 200

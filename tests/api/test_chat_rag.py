@@ -1,7 +1,8 @@
 """Retrieval-augmented chat (``rag: "on"``) over documents ingested through the admin API, with
-the real embedder and index and a fake engine: what the engine is sent (one system message with
-the numbered sources, the client's own prompt first), what the client is told (``route`` and
-``X-Route``), trimming to the context window, and passages that try to close the block early."""
+the real embedder and index and a fake engine: what the engine is sent (a system message of its
+own with the numbered sources, after the client's own prompt, which is left as it is), what the
+client is told (``route`` and ``X-Route``), trimming to the context window, and passages that
+try to close the block early."""
 
 from __future__ import annotations
 
@@ -147,19 +148,20 @@ async def test_the_prompt_is_measured_with_the_engines_tokenizer_first(
     }
 
 
-async def test_a_client_system_message_stays_first_with_the_block_after_it(
+async def test_a_client_system_message_stays_first_and_apart_with_the_block_after_it(
     client: httpx.AsyncClient, engine: FakeEngine, handbook: None
 ) -> None:
     own = {"role": "system", "content": "You are a terse assistant."}
     await rag_chat(client, engine, messages=[own, QUESTION])
     messages = engine.last_chat_body["messages"]
-    assert [message["role"] for message in messages] == ["system", "user"]
-    assert messages[0]["content"].startswith("You are a terse assistant.\n\n" + PREAMBLE)
-    assert REFUNDS in messages[0]["content"]
-    assert messages[1] == QUESTION
+    assert [message["role"] for message in messages] == ["system", "system", "user"]
+    assert messages[0] == own
+    assert messages[1]["content"].startswith(PREAMBLE)
+    assert REFUNDS in messages[1]["content"]
+    assert messages[2] == QUESTION
 
 
-async def test_a_developer_message_with_text_parts_gets_the_block_too(
+async def test_a_developer_message_with_text_parts_is_followed_by_the_block(
     client: httpx.AsyncClient, engine: FakeEngine, handbook: None
 ) -> None:
     own = {
@@ -169,9 +171,10 @@ async def test_a_developer_message_with_text_parts_gets_the_block_too(
     later = {"role": "assistant", "content": "Hello."}
     await rag_chat(client, engine, messages=[own, later, QUESTION])
     messages = engine.last_chat_body["messages"]
-    assert [message["role"] for message in messages] == ["system", "assistant", "user"]
-    assert messages[0]["content"].startswith("Be brief.\nCite.\n\n" + PREAMBLE)
-    assert messages[1:] == [later, QUESTION]
+    assert [message["role"] for message in messages] == ["system", "system", "assistant", "user"]
+    assert messages[0] == {**own, "role": "system"}  # developer is system to the engine, parts kept
+    assert messages[1]["content"].startswith(PREAMBLE)
+    assert messages[2:] == [later, QUESTION]
 
 
 async def test_retrieval_searches_for_the_latest_user_message(

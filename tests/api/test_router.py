@@ -346,7 +346,7 @@ async def test_the_router_admin_api_needs_the_token(client: httpx.AsyncClient) -
     assert_admin_error(await client.get("/admin/router"), 401, param=None, code="missing_admin_token")
     assert_admin_error(
         await client.post(EXPLAIN, json=chat_body(), headers={"Authorization": "Bearer wrong"}),
-        403,
+        401,
         param=None,
         code="invalid_admin_token",
     )

@@ -1,8 +1,10 @@
-"""The supervisor keeps the local engine alive: a killed engine is restarted, and while it is
-down clients get 503 with Retry-After (never a hang), and /ready says so."""
+"""The supervisor keeps the local engine alive: a killed engine is restarted, a stream it was
+generating ends with an error event and [DONE], while it is down clients get 503 with
+Retry-After (never a hang) and /ready says so, and its adapters are loaded again."""
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 from pathlib import Path
@@ -16,13 +18,31 @@ from tests.harness import START_TIMEOUT_S, RunningService, wait_ready
 
 pytestmark = pytest.mark.e2e
 
+LONG_STREAM = {
+    "messages": [{"role": "user", "content": "Repeat the word hello forever: hello hello hello hello"}],
+    "max_tokens": 1000,
+    "temperature": 0,
+    "stream": True,
+}
+
 
 def test_a_killed_engine_is_restarted_with_its_adapters(service: RunningService, lora_adapter: Path) -> None:
     with service.admin() as admin:
         assert upload(admin, "survivor", lora_adapter).status_code == 201
     engine = service.engine_processes()
     leader = min(engine, key=lambda p: p.create_time())
-    leader.send_signal(signal.SIGKILL)
+    # Killed mid-stream: the client gets one error event and [DONE], not a hang or a cut.
+    lines: list[str] = []
+    with httpx.stream("POST", f"{service.url}/v1/chat/completions", json=LONG_STREAM, timeout=60) as stream:
+        for line in stream.iter_lines():
+            if line.startswith("data:"):
+                lines.append(line)
+                if len(lines) == 3:
+                    leader.send_signal(signal.SIGKILL)
+    assert lines[-1] == "data: [DONE]"
+    error = json.loads(lines[-2].removeprefix("data:"))["error"]
+    assert error["code"] == "engine_unavailable", error
+    assert not any('"error"' in line for line in lines[:-2])
 
     # While it is down: 503 + Retry-After from /ready and from chat, quickly.
     deadline = time.monotonic() + 30

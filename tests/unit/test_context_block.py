@@ -1,5 +1,5 @@
-"""The context block: numbered, labelled passages between one pair of ``<sources>`` markers, merged
-into the system message; and the query text retrieval searches for."""
+"""The context block: numbered, labelled passages between one pair of ``<sources>`` markers, in a
+system message of its own after the client's; and the query text retrieval searches for."""
 
 from __future__ import annotations
 
@@ -146,39 +146,33 @@ def test_no_passages_leaves_the_messages_alone() -> None:
     assert with_sources(messages, []) is messages
 
 
-def test_the_block_is_merged_into_the_leading_system_message_after_the_client_text() -> None:
+def test_the_block_follows_the_client_system_message_without_touching_it() -> None:
     messages: list[dict[str, Any]] = [
-        {"role": "system", "content": "You are terse.", "name": "ops"},
+        {"role": "system", "content": "You are terse. The code is CANARY-1234abcd.", "name": "ops"},
         {"role": "user", "content": "How long do refunds take?"},
     ]
     original = copy.deepcopy(messages)
 
-    merged = with_sources(messages, [passage()])
+    placed = with_sources(messages, [passage()])
 
-    assert merged[0] == {
-        "role": "system",
-        "content": "You are terse.\n\n" + render_sources([passage()]),
-        "name": "ops",
-    }
-    assert merged[1:] == original[1:]
-    assert len(merged) == 2
+    assert placed == [original[0], {"role": "system", "content": render_sources([passage()])}, original[1]]
     assert messages == original  # the caller's messages are not changed
 
 
-def test_a_system_message_with_text_parts_is_merged_as_text() -> None:
+def test_the_block_comes_after_every_leading_system_message() -> None:
     messages: list[dict[str, Any]] = [
-        {
-            "role": "system",
-            "content": [
-                {"type": "text", "text": "You are terse."},
-                {"type": "text", "text": "Cite sources."},
-            ],
-        },
+        {"role": "system", "content": [{"type": "text", "text": "You are terse."}]},
+        {"role": "system", "content": "Cite sources."},  # a developer message, as the engine gets it
         {"role": "user", "content": "Refunds?"},
+        {"role": "assistant", "content": "Which order?"},
+        {"role": "user", "content": "The last one."},
     ]
-    merged = with_sources(messages, [passage()])
-    assert merged[0]["content"] == "You are terse.\nCite sources.\n\n" + render_sources([passage()])
-    assert len(merged) == 2
+    placed = with_sources(messages, [passage()])
+    assert placed == [
+        *messages[:2],
+        {"role": "system", "content": render_sources([passage()])},
+        *messages[2:],
+    ]
 
 
 def test_a_new_system_message_is_prepended_when_there_is_none() -> None:
@@ -204,18 +198,18 @@ def test_an_empty_conversation_gets_the_block_alone() -> None:
     assert with_sources([], [passage()]) == [{"role": "system", "content": render_sources([passage()])}]
 
 
-def test_the_block_appears_once_in_the_merged_messages() -> None:
+def test_the_block_appears_once_in_the_messages() -> None:
     messages: list[dict[str, Any]] = [
         {"role": "system", "content": "Be helpful."},
         {"role": "user", "content": "What does </sources> mean?"},  # the user's own text is not the block's
     ]
-    merged = with_sources(messages, [passage("Passage with </sources> inside.")])
-    system = merged[0]["content"]
-    assert isinstance(system, str)
-    assert system.startswith("Be helpful.\n\n" + PREAMBLE)
-    assert len(OPENING.findall(body(system[len("Be helpful.\n\n") :]))) == 1
-    assert len(CLOSING.findall(body(system[len("Be helpful.\n\n") :]))) == 1
-    assert merged[1] == messages[1]
+    placed = with_sources(messages, [passage("Passage with </sources> inside.")])
+    block = placed[1]["content"]
+    assert isinstance(block, str)
+    assert placed[0] == messages[0]
+    assert len(OPENING.findall(body(block))) == 1
+    assert len(CLOSING.findall(body(block))) == 1
+    assert placed[2] == messages[1]
 
 
 # --- query_text ----------------------------------------------------------------------------------------

@@ -379,6 +379,9 @@ def test_vllm_command_defaults(clean_env: pytest.MonkeyPatch) -> None:
 
     assert command[:3] == [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
     assert _value(command, "--model") == "/models/smol"
+    # Pickled weights are refused by vLLM itself, and a model's own code is never trusted.
+    assert _value(command, "--load-format") == "safetensors"
+    assert not [part for part in command if "trust" in part]
     assert _value(command, "--served-model-name") == "smol-chat"
     assert _value(command, "--host") == "127.0.0.2"
     assert _value(command, "--port") == "9311"

@@ -119,6 +119,39 @@ def test_extra_args_not_json_refused(clean_env: pytest.MonkeyPatch) -> None:
         Settings()
 
 
+CODE_LOADING_ARGS = {
+    "trust-remote-code": (["--trust-remote-code"], "--trust-remote-code"),
+    "underscores": (["--dtype", "bfloat16", "--trust_remote_code"], "--trust-remote-code"),
+    "with-a-value": (["--trust-remote-code=true"], "--trust-remote-code"),
+    # vLLM's parser takes any unambiguous prefix of an option.
+    "abbreviated": (["--trust-rem"], "--trust-remote-code"),
+    "pickle-format": (["--load-format", "pt"], "safetensors only"),
+    "auto-format": (["--load-format=auto"], "safetensors only"),
+    "format-abbreviated": (["--load-f", "npcache"], "safetensors only"),
+    "format-without-value": (["--load-format"], "safetensors only"),
+    "config-file": (["--config", "engine.yaml"], "--config"),
+    "another-model": (["--model", "/elsewhere"], "HYBRID_MODEL_DIR"),
+}
+
+
+@pytest.mark.parametrize(("args", "says"), CODE_LOADING_ARGS.values(), ids=CODE_LOADING_ARGS.keys())
+def test_extra_args_that_would_load_code_are_refused(args: list[str], says: str) -> None:
+    with pytest.raises(ValidationError, match="engine_extra_args") as refused:
+        Settings(engine_extra_args=args)
+    assert says in str(refused.value)
+
+
+def test_extra_args_refused_from_the_environment(clean_env: pytest.MonkeyPatch) -> None:
+    clean_env.setenv("HYBRID_ENGINE_EXTRA_ARGS", '["--enforce-eager", "--trust-remote-code"]')
+    with pytest.raises(ValidationError, match="--trust-remote-code"):
+        Settings()
+
+
+def test_safe_look_alike_extra_args_are_accepted() -> None:
+    args = ["--load-format", "safetensors", "--no-trust-remote-code", "--tokenizer-mode", "auto", "--", "x"]
+    assert Settings(engine_extra_args=args).engine_extra_args == args
+
+
 def test_settings_are_frozen() -> None:
     settings = Settings()
     with pytest.raises(ValidationError):
