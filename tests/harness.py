@@ -22,6 +22,9 @@ import psutil
 START_TIMEOUT_S = 600.0
 ADMIN_TOKEN = "e2e-admin-token"
 MAX_MODEL_LEN = 2048
+ENDLESS = [{"role": "user", "content": "Repeat the word hello forever: hello hello hello hello"}]
+"""At temperature 0 the bundled model answers this by repeating "hello" up to ``max_tokens``: a
+generation that lasts as long as a test needs."""
 
 
 @dataclass(frozen=True)

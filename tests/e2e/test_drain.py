@@ -11,16 +11,15 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.harness import running_service
+from tests.harness import ENDLESS, running_service
 
 pytestmark = pytest.mark.e2e
 
 DRAIN_S = 60
 TOKENS = 120
 STREAMS = 3
-# At temperature 0 the bundled model repeats "hello" up to max_tokens (see test_disconnect).
 LONG = {
-    "messages": [{"role": "user", "content": "Repeat the word hello forever: hello hello hello hello"}],
+    "messages": ENDLESS,
     "max_tokens": TOKENS,
     "temperature": 0,
 }

@@ -14,12 +14,12 @@ import openai
 import pytest
 
 from tests.e2e.test_adapters import upload
-from tests.harness import START_TIMEOUT_S, RunningService, wait_ready
+from tests.harness import ENDLESS, START_TIMEOUT_S, RunningService, wait_ready
 
 pytestmark = pytest.mark.e2e
 
 LONG_STREAM = {
-    "messages": [{"role": "user", "content": "Repeat the word hello forever: hello hello hello hello"}],
+    "messages": ENDLESS,
     "max_tokens": 1000,
     "temperature": 0,
     "stream": True,

@@ -14,7 +14,7 @@ import httpx
 import psutil
 import pytest
 
-from tests.harness import RunningService
+from tests.harness import ENDLESS, RunningService
 
 pytestmark = pytest.mark.e2e
 
@@ -23,7 +23,7 @@ DISCONNECTS = 1000
 WAVE = 100
 MAX_TOKENS = 1000
 STREAM = {
-    "messages": [{"role": "user", "content": "Repeat the word hello forever: hello hello hello hello"}],
+    "messages": ENDLESS,
     "max_tokens": MAX_TOKENS,
     "temperature": 0,
     "stream": True,
