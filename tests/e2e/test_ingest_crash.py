@@ -5,6 +5,7 @@ session's engine; the index is the embedded chromadb under its data directory.""
 
 from __future__ import annotations
 
+import re
 import signal
 import threading
 from collections import defaultdict
@@ -22,6 +23,8 @@ WORKERS = 3
 DOCUMENTS = 4
 KILL_AFTER = 8
 COLLECTION = "manuals"
+TAG = re.compile(r"(?<![\w-])w\d+-d\d+-r\d+\.txt@\d+(?!\d)")
+"""A version tag, ``<source>@<request round>``: every chunk of a version names it several times."""
 
 
 def _text(tag: str) -> str:
@@ -40,8 +43,11 @@ def _stored_versions(data_dir: Path) -> dict[str, list[tuple[int, int, str]]]:
     found: dict[str, list[tuple[int, int, str]]] = defaultdict(list)
     texts = dict(zip(*_ids_and_texts(store), strict=True))
     for id_, metadata in store.chunk_metadata(COLLECTION):
-        tag = texts[id_].split(" of ", 1)[1].split(".", 1)[0]
-        found[str(metadata["source"])].append((int(metadata["position"]), int(metadata["chunks"]), tag))
+        tags = set(TAG.findall(texts[id_]))
+        assert len(tags) == 1, f"chunk {id_} names versions {tags}: {texts[id_]!r}"
+        found[str(metadata["source"])].append(
+            (int(metadata["position"]), int(metadata["chunks"]), tags.pop())
+        )
     return found
 
 
