@@ -347,10 +347,10 @@ class OnnxEmbedder:
         cache_dir: Path | None = None,
     ) -> None:
         self._path = path or bundled_embedder_path()
-        # First, so that an unsafe directory is refused rather than left to the torch fallback.
-        check_model_dir(self._path, what="embedder")
-        self._layout = read_layout(self._path)
+        # First: it refuses an unsafe directory (rather than leave it to the torch fallback)
+        # before reading anything from it.
         model_file = ensure_onnx_model(self._path, cache_dir or default_cache_dir())
+        self._layout = read_layout(self._path)
         self._session = _session(model_file, threads)
         self._inputs = [node.name for node in self._session.get_inputs()]
         width = self._session.get_outputs()[0].shape[-1]

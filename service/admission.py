@@ -62,9 +62,10 @@ class Admission:
 
     def shutting_down(self) -> EngineUnavailableError:
         error = EngineUnavailableError(
-            "The gateway is shutting down; retry on another instance.", retry_after_s=self.retry_after_s
+            "The gateway is shutting down; retry on another instance.",
+            retry_after_s=self.retry_after_s,
+            code="shutting_down",
         )
-        error.code = "shutting_down"
         # Tell keep-alive clients to reconnect, so a load balancer sends them elsewhere.
         error.headers["Connection"] = "close"
         return error

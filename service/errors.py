@@ -96,8 +96,8 @@ class EngineUnavailableError(APIError):
     status_code = 503
     error_type = "server_error"
 
-    def __init__(self, message: str, *, retry_after_s: int) -> None:
-        super().__init__(message, code="engine_unavailable", headers={"Retry-After": str(retry_after_s)})
+    def __init__(self, message: str, *, retry_after_s: int, code: str = "engine_unavailable") -> None:
+        super().__init__(message, code=code, headers={"Retry-After": str(retry_after_s)})
 
 
 class EngineTimeoutError(APIError):
