@@ -271,3 +271,21 @@ async def test_an_import_dir_with_a_training_runs_files_is_accepted(
     response = await client.post(ADMIN, json={"name": "pirate", "path": "pirate"}, headers=AUTH)
     assert response.status_code == 201, response.text
     assert set(engine.loras) == {"pirate"}
+
+
+async def test_an_upload_with_a_third_file_is_400(
+    client: httpx.AsyncClient, engine: FakeEngine, store_dir: Path, lora_adapter: Path
+) -> None:
+    """Code shipped beside the two PEFT files (a ``modeling_*.py``) is refused, not ignored."""
+    files = [
+        ("adapter_config", (CONFIG_FILE, (lora_adapter / CONFIG_FILE).read_bytes(), "application/json")),
+        (
+            "adapter_model",
+            (WEIGHTS_FILE, (lora_adapter / WEIGHTS_FILE).read_bytes(), "application/octet-stream"),
+        ),
+        ("modeling", ("modeling_lora.py", b"import os\nos.system('echo pwned')\n", "text/x-python")),
+    ]
+    response = await client.post(ADMIN, data={"name": "pirate"}, files=files, headers=AUTH)
+    error = assert_admin_error(response, 400, param=None, code=None)
+    assert "Too many files" in error["message"]
+    await assert_nothing_registered(client, engine, store_dir)
