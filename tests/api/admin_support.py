@@ -26,7 +26,8 @@ from service.app import build_app
 from service.bundled_model import HF_ID, SERVED_NAME
 from service.settings import Settings
 from tests.api.conftest import GATEWAY_URL, assert_error, make_settings
-from tests.fakes import FakeEngine, model_card
+from tests.fakes import FakeEngine
+from tests.vllm_bodies import model_card
 
 TOKEN = "admin-secret"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

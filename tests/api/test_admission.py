@@ -11,7 +11,8 @@ from fastapi import FastAPI
 
 from service.settings import Settings
 from tests.api.conftest import CHAT, assert_error, chat_body, make_settings, sse_json
-from tests.fakes import FakeEngine, chunk, stream_chunks
+from tests.fakes import FakeEngine
+from tests.vllm_bodies import chunk, stream_chunks
 
 
 @pytest.fixture

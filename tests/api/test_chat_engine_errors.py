@@ -9,7 +9,8 @@ from fastapi import FastAPI
 
 from service.settings import Settings
 from tests.api.conftest import CHAT, USER, assert_error, chat_body
-from tests.fakes import BASE_MODEL, Drop, FakeEngine, RawReply, Stall, model_card
+from tests.fakes import Drop, FakeEngine, RawReply, Stall
+from tests.vllm_bodies import BASE_MODEL, model_card
 
 # ---------------------------------------------------------------------------- models
 

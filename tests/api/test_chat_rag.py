@@ -17,8 +17,9 @@ from service.settings import Settings
 from tests.api.admin_support import TOKEN
 from tests.api.conftest import CHAT, USER, assert_error, chat_body, make_settings, sse_json
 from tests.api.test_admin_collections import PASSWORDS, REFUNDS, SHIPPING, doc, ingested
-from tests.fakes import BASE_MODEL, FakeEngine, prompt_tokens, stream_chunks
+from tests.fakes import FakeEngine
 from tests.openai_schema import assert_conforms
+from tests.vllm_bodies import BASE_MODEL, prompt_tokens, stream_chunks
 
 QUESTION = {"role": "user", "content": "How long does a refund take to reach my card?"}
 ROUTE_SOURCE_KEYS = {"id", "source", "title", "score", "text", "collection", "chunk_id", "volatile"}

@@ -22,18 +22,9 @@ from tests.api.conftest import (
     sse_data,
     sse_json,
 )
-from tests.fakes import (
-    BASE_MODEL,
-    Drop,
-    FakeEngine,
-    JSONReply,
-    Stall,
-    chunk,
-    completion,
-    stream_chunks,
-    usage_chunk,
-)
+from tests.fakes import Drop, FakeEngine, JSONReply, Stall
 from tests.openai_schema import assert_conforms
+from tests.vllm_bodies import BASE_MODEL, chunk, completion, stream_chunks, usage_chunk
 
 DONE = "[DONE]"
 

@@ -30,7 +30,8 @@ from schemathesis.core.transport import Response
 
 from service.app import build_app
 from tests.api.conftest import GATEWAY_URL, assert_envelope, make_settings
-from tests.fakes import FakeEngine, JSONReply, Reply, StreamReply, completion, stream_chunks
+from tests.fakes import FakeEngine, JSONReply, Reply, StreamReply
+from tests.vllm_bodies import completion, stream_chunks
 
 Case = SchemathesisCase[Any]
 ADMIN_TOKEN = "fuzz-admin-token"

@@ -29,7 +29,8 @@ from tests.api.admin_support import (  # noqa: F401 (fixtures, under their pytes
     upload,
 )
 from tests.api.conftest import CHAT, chat_body, sse_json
-from tests.fakes import FakeEngine, chunk
+from tests.fakes import FakeEngine
+from tests.vllm_bodies import chunk
 
 
 @pytest.fixture(name="settings")

@@ -14,8 +14,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from service.settings import Settings
 from tests.api.conftest import CHAT, GATEWAY_URL, assert_error, chat_body, make_settings
-from tests.fakes import BASE_MODEL, MAX_MODEL_LEN, Drop, FakeEngine, Stall, model_card, stream_chunks
+from tests.fakes import Drop, FakeEngine, Stall
 from tests.openai_schema import assert_conforms
+from tests.vllm_bodies import BASE_MODEL, MAX_MODEL_LEN, model_card, stream_chunks
 
 
 def metric(text: str, name: str, **labels: str) -> float:

@@ -17,8 +17,9 @@ from tests.api.admin_support import TOKEN
 from tests.api.conftest import CHAT, chat_body, make_settings, sse_json
 from tests.api.test_admin_collections import REFUNDS, doc, ingested
 from tests.api.test_models_health_metrics import metric, scrape
-from tests.fakes import FakeEngine, chunk, stream_chunks, usage_chunk
+from tests.fakes import FakeEngine
 from tests.openai_schema import assert_conforms
+from tests.vllm_bodies import chunk, stream_chunks, usage_chunk
 
 CANARY = "CANARY-5d1e7a9b3c0f"
 SYSTEM = {

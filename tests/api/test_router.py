@@ -27,8 +27,9 @@ from tests.api.admin_support import (  # noqa: F401 (fixtures, under their pytes
 )
 from tests.api.conftest import CHAT, assert_error, chat_body, sse_json
 from tests.api.test_admin_collections import PASSWORDS, REFUNDS, doc, ingested
-from tests.fakes import FakeEngine, stream_chunks
+from tests.fakes import FakeEngine
 from tests.openai_schema import assert_conforms
+from tests.vllm_bodies import stream_chunks
 
 BANKING = [
     "How do I transfer money to another account?",
