@@ -85,7 +85,8 @@ def load_embedder(
     ``backend="onnx"`` exports the model into ``cache_dir`` (default ``~/.cache/hybrid-serve``)
     the first time; a model it cannot export is loaded on torch instead, with a warning."""
     if backend == "onnx":
-        from index.onnx_embedder import OnnxEmbedder, UnsupportedModelError
+        from index.onnx_embedder import OnnxEmbedder
+        from index.st_layout import UnsupportedModelError
 
         try:
             return OnnxEmbedder(path, batch_size=batch_size, threads=threads, cache_dir=cache_dir)

@@ -96,7 +96,8 @@ def _model(args: argparse.Namespace) -> int:
 def _embedder_export(settings: Settings) -> None:
     """The embedder's ONNX export, made here so that serving never waits for it."""
     from index.embedder import bundled_embedder_path
-    from index.onnx_embedder import UnsupportedModelError, ensure_onnx_model
+    from index.onnx_embedder import ensure_onnx_model
+    from index.st_layout import UnsupportedModelError
 
     log = logging.getLogger("hybrid-serve.model")
     source = settings.embedder_dir or bundled_embedder_path()

@@ -13,12 +13,8 @@ import pytest
 
 from adapters.durable import CHECKSUM_FILE
 from index.embedder import SentenceTransformerEmbedder, bundled_embedder_path, load_embedder
-from index.onnx_embedder import (
-    OnnxEmbedder,
-    UnsupportedModelError,
-    ensure_onnx_model,
-    read_layout,
-)
+from index.onnx_embedder import OnnxEmbedder, ensure_onnx_model
+from index.st_layout import UnsupportedModelError, read_layout
 
 SHORT = [
     "how do i say hello in japanese",
