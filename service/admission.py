@@ -91,8 +91,7 @@ class AdmissionControl:
         elif path in GENERATION and admission.generating >= admission.max_generating:
             error = TooManyRequestsError(admission.max_generating)
         if error is not None:
-            self.metrics.count_error(error.error_type, error.code)
-            await send_error(send, error)
+            await send_error(send, error, self.metrics)
             return
         generation = path in GENERATION
         admission.in_flight += 1

@@ -34,8 +34,7 @@ class BodySizeLimit:
         declared = _header(scope, b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > limit):
             error = self._too_large(limit)
-            self.metrics.count_error(error.error_type, error.code)
-            await send_error(send, error)
+            await send_error(send, error, self.metrics)
             return
         received = 0
 
@@ -75,8 +74,7 @@ class HeaderLimits:
                 f"The request has {len(headers)} headers of {size} bytes: at most {self.max_headers} "
                 f"headers and {self.max_bytes} bytes are accepted."
             )
-            self.metrics.count_error(error.error_type, error.code)
-            await send_error(send, error)
+            await send_error(send, error, self.metrics)
             return
         await self.app(scope, receive, send)
 
@@ -131,7 +129,9 @@ def _header(scope: Scope, name: bytes) -> str | None:
     return None
 
 
-async def send_error(send: Send, error: APIError) -> None:
+async def send_error(send: Send, error: APIError, metrics: Metrics) -> None:
+    """Answer ``error`` from a middleware, counted as the app's error handlers count theirs."""
+    metrics.count_error(error.error_type, error.code)
     body = error.body()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     headers += [(k.lower().encode(), v.encode()) for k, v in error.headers.items()]
