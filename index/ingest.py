@@ -133,7 +133,7 @@ class Ingestor:
             raise DocumentError(f"document {document.source!r} has no text to index", param="documents")
         source_hash = _sha(document.source)
         document_hash = _sha(self._fingerprint(document, chunks))
-        ids = [f"{source_hash}-{document_hash}-{chunk.position:05d}" for chunk in chunks]
+        ids = [chunk_id(source_hash, document_hash, chunk.position) for chunk in chunks]
         return _Prepared(document, chunks, ids)
 
     def _fingerprint(self, document: SourceDocument, chunks: list[Chunk]) -> str:
@@ -154,6 +154,17 @@ class Ingestor:
     def _lock(self, collection: str) -> threading.Lock:
         with self._locks_guard:
             return self._locks.setdefault(collection, threading.Lock())
+
+
+def chunk_id(source_hash: str, document_hash: str, position: int) -> str:
+    """A chunk's id: its source, the version of the document it belongs to, its position."""
+    return f"{source_hash}-{document_hash}-{position:05d}"
+
+
+def chunk_version(id_: str) -> str:
+    """The document version a :func:`chunk_id` names (an id of another shape stands alone)."""
+    parts = id_.split("-")
+    return parts[1] if len(parts) == 3 else id_
 
 
 def _sha(text: str) -> str:

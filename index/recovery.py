@@ -17,6 +17,7 @@ import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from index.ingest import chunk_version
 from index.store import ChunkMetadata, ChunkStore
 
 logger = logging.getLogger(__name__)
@@ -38,8 +39,8 @@ def unfinished_chunks(chunks: Iterable[tuple[str, ChunkMetadata]]) -> list[str]:
     """The ids of every chunk that is not part of its source's newest complete version."""
     sources: dict[str, dict[str, _Version]] = {}
     for id_, metadata in chunks:
-        version_key = id_.split("-")[1] if id_.count("-") == 2 else id_
-        version = sources.setdefault(str(metadata.get("source", "")), {}).setdefault(version_key, _Version())
+        versions = sources.setdefault(str(metadata.get("source", "")), {})
+        version = versions.setdefault(chunk_version(id_), _Version())
         version.ids.append(id_)
         position, declared = metadata.get("position"), metadata.get("chunks")
         version.positions.add(position if isinstance(position, int) else -1)
