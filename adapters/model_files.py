@@ -26,12 +26,11 @@ _PICKLE = (
     "unpickling it can run arbitrary code, so it is never loaded; keep only safetensors weights "
     "(save_pretrained(..., safe_serialization=True))"
 )
+PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".joblib"})
+"""Weights files in a pickle-based format (``torch.save``, joblib): never loaded, by any path."""
 _REFUSED_SUFFIXES = {
     **dict.fromkeys((".py", ".pyc", ".pyo"), f"is Python code, which {_CODE}"),
-    **dict.fromkeys(
-        (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".joblib"),
-        f"is a pickle-based checkpoint: {_PICKLE}",
-    ),
+    **dict.fromkeys(PICKLE_SUFFIXES, f"is a pickle-based checkpoint: {_PICKLE}"),
     **dict.fromkeys(
         (".h5", ".keras"),
         "is a Keras/HDF5 model, which can carry serialised Python code; keep only safetensors weights",

@@ -18,14 +18,13 @@ from pathlib import Path
 from adapters.config import LoraSettings, parse_lora_config
 from adapters.durable import sha256_file
 from adapters.errors import AdapterValidationError
-from adapters.model_files import UnsafeModelError, check_model_dir
+from adapters.model_files import PICKLE_SUFFIXES, UnsafeModelError, check_model_dir
 from adapters.safetensors_header import SafetensorsHeaderError, TensorInfo, read_header
 
 logger = logging.getLogger(__name__)
 
 NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 ALWAYS_RESERVED = frozenset({"auto"})
-_PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"})
 _PICKLE_MAGIC = (b"\x80", b"PK\x03\x04")  # pickle protocol >= 2; torch.save's zip archive
 _FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})
 _SAVE_HINT = "save it with save_pretrained(..., safe_serialization=True)"
@@ -116,7 +115,7 @@ def validate_adapter(
 
 
 def _refuse_pickle_name(path: Path) -> None:
-    if path.suffix.lower() in _PICKLE_SUFFIXES:
+    if path.suffix.lower() in PICKLE_SUFFIXES:
         raise AdapterValidationError(
             f"adapter weights must be a safetensors file, not {path.name!r} (a pickle, which is "
             f"never loaded because it can run code); {_SAVE_HINT}",

@@ -165,14 +165,7 @@ def _from_import_dir(raw: str, import_root: Path | None, scratch: Path) -> Adapt
         raise InvalidRequestError(exc.message, param=exc.param, code="invalid_adapter") from exc
     if not directory.is_dir():
         raise InvalidRequestError(f"'{raw}' is not a directory holding a PEFT adapter.", param="path")
-    for refused in ("adapter_model.bin", "adapter_model.pt", "pytorch_model.bin"):
-        if (directory / refused).exists() and not (directory / WEIGHTS_FILE).exists():
-            raise InvalidRequestError(
-                f"'{refused}' is a pickle, which is never loaded: save the adapter with "
-                "safe_serialization=True to get adapter_model.safetensors.",
-                param="path",
-                code="invalid_adapter",
-            )
+    # resolve_import_path has refused a directory holding pickles (or code) already.
     config, weights = directory / CONFIG_FILE, directory / WEIGHTS_FILE
     for needed in (config, weights):
         if not needed.is_file():
