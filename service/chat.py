@@ -86,8 +86,13 @@ class ChatService:
         payload = request.engine_payload(base)
         # Secrets come from the client's own system and developer messages (developer is
         # system by now), read before any source is added.
-        system = [message_text(m["content"]) for m in payload["messages"] if m["role"] == "system"]
-        redactor = SecretRedactor.for_messages(system) if self._redact_secrets else None
+        redactor = (
+            SecretRedactor.for_messages(
+                message_text(m["content"]) for m in payload["messages"] if m["role"] == "system"
+            )
+            if self._redact_secrets
+            else None
+        )
         if self._router is not None:
             decision = await self._router.decide(payload["messages"], pin=pin, rag=request.rag)
         else:

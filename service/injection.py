@@ -23,6 +23,7 @@ import dataclasses
 import re
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
 from index.retrieval import Passage
 
@@ -219,22 +220,16 @@ def screen_text(text: str) -> Screened:
 def screen_passage(passage: Passage) -> tuple[Passage, Counter[str]]:
     """``passage`` with its text, title and heading screened, and what was removed, by kind."""
     removed: Counter[str] = Counter()
-    text, title, heading = passage.text, passage.title, passage.heading
-    screened = screen_text(text)
-    if screened.count:
-        removed.update(screened.removed)
-        text = screened.text
-    if title:
-        screened = screen_text(title)
-        removed.update(screened.removed)
-        title = screened.text
-    if heading:
-        screened = screen_text(heading)
-        removed.update(screened.removed)
-        heading = screened.text
+    screened_fields: dict[str, Any] = {}  # of Passage's str fields only
+    for name in ("text", "title", "heading"):
+        value = getattr(passage, name)
+        if value:
+            screened = screen_text(value)
+            removed.update(screened.removed)
+            screened_fields[name] = screened.text
     if not removed:
         return passage, removed
-    return dataclasses.replace(passage, text=text, title=title, heading=heading), removed
+    return dataclasses.replace(passage, **screened_fields), removed
 
 
 def instruction_kind(sentence: str) -> str | None:

@@ -73,8 +73,7 @@ class Metrics:
             self.injections_removed.labels(kind).inc(count)
 
     def count_redactions(self, count: int) -> None:
-        if count:
-            self.secrets_redacted.inc(count)
+        self.secrets_redacted.inc(count)
 
     def count_error(self, error_type: str, code: str | None) -> None:
         self.errors.labels(error_type, code or "").inc()
