@@ -33,6 +33,19 @@ def install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
 
     async def on_api_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, APIError)
+        if exc.status_code >= 500:
+            # The server's side failed (engine, index, draining): the operator's to see, with
+            # what caused it (a client's mistake, a 4xx, is only counted).
+            cause = f" (from {type(exc.__cause__).__name__}: {exc.__cause__})" if exc.__cause__ else ""
+            logger.warning(
+                "%s %s -> %d %s: %s%s",
+                request.method,
+                request.url.path,
+                exc.status_code,
+                exc.code or exc.error_type,
+                exc.message,
+                cause,
+            )
         return respond(exc)
 
     async def on_http_error(request: Request, exc: Exception) -> JSONResponse:

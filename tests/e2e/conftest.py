@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,8 +19,35 @@ from tests.harness import (
     RunningService,
     ServiceError,
     free_port,
+    log_tail,
     running_service,
 )
+
+_LEVELS = re.compile(r" (WARNING|ERROR|CRITICAL) ")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """A failed test that used the session's service reports what its gateway and engine
+    logged last: CI keeps only the test output, and the cause of a 5xx is in those logs."""
+    report = yield
+    service = getattr(item, "funcargs", {}).get("service")
+    if report.failed and call.when == "call" and isinstance(service, RunningService):
+        gateway_log = service.data_dir / "gateway.log"
+        report.sections.append(("gateway warnings, last ones", _warnings(gateway_log)))
+        report.sections.append(("gateway log, last lines", log_tail(gateway_log, lines=15)))
+        report.sections.append(("engine log, last lines", log_tail(service.log_file, lines=30)))
+    return report
+
+
+def _warnings(log: Path, lines: int = 40) -> str:
+    """The gateway's last warnings and errors: it logs a line per request, which buries them."""
+    if not log.exists():
+        return "(no log)"
+    found = [line for line in log.read_text(errors="replace").splitlines() if _LEVELS.search(line)]
+    return "\n".join(found[-lines:]) or "(none)"
 
 
 @pytest.fixture(scope="session")

@@ -55,7 +55,9 @@ async def _open_then_leave(
     client: httpx.AsyncClient, url: str, opened: asyncio.Semaphore | None, leave: asyncio.Event
 ) -> None:
     async with client.stream("POST", url, json=STREAM) as response:
-        assert response.status_code == 200
+        if response.status_code != 200:
+            await response.aread()
+            pytest.fail(f"{response.status_code} {response.headers} {response.text}")
         async for line in response.aiter_lines():
             if line.startswith("data:"):
                 break  # generating
