@@ -33,9 +33,7 @@ def install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
 
     async def on_api_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, APIError)
-        if exc.status_code >= 500:
-            # The server's side failed (engine, index, draining): the operator's to see, with
-            # what caused it (a client's mistake, a 4xx, is only counted).
+        if exc.status_code >= 500 and _is_news(request, exc):
             cause = f" (from {type(exc.__cause__).__name__}: {exc.__cause__})" if exc.__cause__ else ""
             logger.warning(
                 "%s %s -> %d %s: %s%s",
@@ -78,6 +76,13 @@ def install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
     app.add_exception_handler(HTTPException, on_http_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(Exception, on_unexpected)
+
+
+def _is_news(request: Request, error: APIError) -> bool:
+    """A server-side failure the operator has not been told of: each one is logged with its
+    cause, but not /ready's 503 (probes ask every few seconds while the engine starts, and the
+    launcher logs why) nor the drain's (the server logs once that it drains)."""
+    return request.url.path != "/ready" and error.code != "shutting_down"
 
 
 def _allowed_methods(request: Request) -> set[str]:

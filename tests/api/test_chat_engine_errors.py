@@ -3,6 +3,8 @@ the client's mistake, anything else is a 5xx in OpenAI's envelope (503 with Retr
 
 from __future__ import annotations
 
+import logging
+
 import httpx
 import pytest
 from fastapi import FastAPI
@@ -58,6 +60,20 @@ async def test_engine_connect_error_is_503_with_retry_after(
     response = await client.post(CHAT, json=chat_body())
     assert_error(response, 503, param=None, code="engine_unavailable")
     assert response.headers["retry-after"] == str(settings.retry_after_s)
+
+
+async def test_a_5xx_is_logged_with_its_cause_and_a_4xx_is_not(
+    client: httpx.AsyncClient, engine: FakeEngine, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The client's envelope says only "unavailable"; the operator needs what the engine did.
+    engine.enqueue_raise(Drop())
+    engine.enqueue_error(400, CONTEXT_MESSAGE)
+    with caplog.at_level(logging.WARNING, logger="service.error_handlers"):
+        assert (await client.post(CHAT, json=chat_body())).status_code == 503
+        assert (await client.post(CHAT, json=chat_body(max_tokens=1000))).status_code == 400
+    [record] = caplog.records
+    assert record.getMessage().startswith("POST /v1/chat/completions -> 503 engine_unavailable: ")
+    assert "(from ServerDisconnectedError" in record.getMessage()
 
 
 async def test_engine_down_while_learning_models_is_503(

@@ -24,29 +24,40 @@ from tests.harness import (
 )
 
 _LEVELS = re.compile(r" (WARNING|ERROR|CRITICAL) ")
+_LOG_OFFSET = pytest.StashKey[int]()
 
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(
     item: pytest.Item, call: pytest.CallInfo[None]
 ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
-    """A failed test that used the session's service reports what its gateway and engine
-    logged last: CI keeps only the test output, and the cause of a 5xx is in those logs."""
+    """A failed test that used the session's service reports what the gateway warned of while
+    it ran, and the engine's last lines: CI keeps only the test output, and the cause of a 5xx
+    is in those logs."""
     report = yield
     service = getattr(item, "funcargs", {}).get("service")
-    if report.failed and call.when == "call" and isinstance(service, RunningService):
-        gateway_log = service.data_dir / "gateway.log"
-        report.sections.append(("gateway warnings, last ones", _warnings(gateway_log)))
+    if not isinstance(service, RunningService):
+        return report
+    gateway_log = service.data_dir / "gateway.log"
+    if call.when == "setup":
+        item.stash[_LOG_OFFSET] = gateway_log.stat().st_size if gateway_log.exists() else 0
+    elif call.when == "call" and report.failed:
+        warned = _warnings(gateway_log, since=item.stash.get(_LOG_OFFSET, 0))
+        report.sections.append(("gateway warnings during the test", warned))
         report.sections.append(("gateway log, last lines", log_tail(gateway_log, lines=15)))
         report.sections.append(("engine log, last lines", log_tail(service.log_file, lines=30)))
     return report
 
 
-def _warnings(log: Path, lines: int = 40) -> str:
-    """The gateway's last warnings and errors: it logs a line per request, which buries them."""
+def _warnings(log: Path, *, since: int, lines: int = 40) -> str:
+    """The gateway's warnings and errors from byte ``since`` on (it logs a line per request,
+    which buries them)."""
     if not log.exists():
         return "(no log)"
-    found = [line for line in log.read_text(errors="replace").splitlines() if _LEVELS.search(line)]
+    with log.open("rb") as file:
+        file.seek(since)
+        text = file.read().decode(errors="replace")
+    found = [line for line in text.splitlines() if _LEVELS.search(line)]
     return "\n".join(found[-lines:]) or "(none)"
 
 
