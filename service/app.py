@@ -98,6 +98,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         connect_timeout_s=settings.engine_connect_timeout_s,
         read_timeout_s=settings.engine_read_timeout_s,
         max_connections=settings.engine_max_connections,
+        keepalive_s=settings.engine_keepalive_s,
         api_key=settings.engine_api_key.get_secret_value() if settings.engine_api_key else None,
     )
     engine = VLLMEngine(session, settings.engine_base_url, retry_after_s=settings.retry_after_s)

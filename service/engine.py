@@ -67,15 +67,22 @@ def engine_session(
     connect_timeout_s: float,
     read_timeout_s: float,
     max_connections: int,
+    keepalive_s: float,
     api_key: str | None = None,
 ) -> aiohttp.ClientSession:
     """The pooled HTTP session to the engine. ``read_timeout_s`` bounds the silence between two
-    reads (a generation may take long in total, but never goes quiet that long)."""
+    reads (a generation may take long in total, but never goes quiet that long).
+
+    ``keepalive_s`` must stay below the engine's idle timeout (vLLM closes an idle connection
+    after 5 s; aiohttp would reuse one for 15 s): a request sent on a connection the engine is
+    closing fails with ServerDisconnectedError, a 503 to the client for nothing it did."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     return aiohttp.ClientSession(
         headers=headers,
         timeout=aiohttp.ClientTimeout(total=None, connect=connect_timeout_s, sock_read=read_timeout_s),
-        connector=aiohttp.TCPConnector(limit=max_connections, limit_per_host=max_connections),
+        connector=aiohttp.TCPConnector(
+            limit=max_connections, limit_per_host=max_connections, keepalive_timeout=keepalive_s
+        ),
         raise_for_status=False,
     )
 

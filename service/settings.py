@@ -91,6 +91,13 @@ class Settings(BaseSettings):
         600.0, gt=0, description="Longest silence from the engine during a generation."
     )
     engine_max_connections: int = Field(512, ge=1, description="Connection pool size to the engine.")
+    engine_keepalive_s: float = Field(
+        4.0,
+        gt=0,
+        description="Reuse an idle pooled connection to the engine only this long; keep it below "
+        "the engine's own idle timeout (vLLM: 5 s), else a request can go out on a connection "
+        "the engine is closing.",
+    )
 
     # -- adapters and the admin API
     gateway_url: str | None = Field(

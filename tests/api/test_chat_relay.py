@@ -288,7 +288,9 @@ async def test_abandoning_a_stream_closes_the_engine_connection(engine: FakeEngi
     # Closing the connection mid-generation is what makes vLLM abort: returning it to the
     # pool would leave the engine generating for nobody.
     engine.enqueue_stream([chunk("", role="assistant"), chunk("Hi")], hold=True)
-    async with engine_session(connect_timeout_s=2, read_timeout_s=5, max_connections=4) as session:
+    async with engine_session(
+        connect_timeout_s=2, read_timeout_s=5, max_connections=4, keepalive_s=4
+    ) as session:
         upstream = await VLLMEngine(session, engine.url, retry_after_s=1).open_chat_stream(chat_body())
         first = await anext(aiter(upstream.data()))
         assert json.loads(first)["choices"][0]["delta"]["role"] == "assistant"
