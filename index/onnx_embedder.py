@@ -213,6 +213,9 @@ def _session(path: Path, threads: int | None) -> Any:
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3  # errors only
+    # Idle intra-op threads sleep instead of spinning: the CPU is shared with the engine and
+    # the gateway's event loop, and a query embeds in milliseconds then waits.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
