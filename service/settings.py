@@ -89,9 +89,9 @@ class Settings(BaseSettings):
     engine_connect_timeout_s: float = Field(
         15.0,
         gt=0,
-        description="TCP connect timeout to the engine. Not shorter: it is measured on the "
-        "gateway's event loop, which a saturated CPU can delay by seconds, and a connect that "
-        "completed but was seen late would be a 503 (seen at 5 s on 2 cores).",
+        description="TCP connect timeout to the engine. It is timed on the gateway's event "
+        "loop, which a saturated CPU delays by seconds: a connect that completed but was seen "
+        "late is a 503 (seen at 5 s on 2 cores).",
     )
     engine_read_timeout_s: float = Field(
         600.0, gt=0, description="Longest silence from the engine during a generation."
