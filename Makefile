@@ -27,8 +27,10 @@ model: $(STAMP)
 serve: setup
 	$(BIN)/hybrid-serve serve
 
+# Short tracebacks: CI shows only part of a failed run's output, and the cause a test prints
+# (its message, the gateway's and engine's last log lines) must be in that part.
 test: setup
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --tb=short
 
 # Unit and API tiers only (no engine): the quick loop while editing.
 test-fast: setup

@@ -58,6 +58,7 @@ def build_app(settings: Settings | None = None) -> FastAPI:
     # Parsed once here rather than on every /v1 request.
     app.state.api_keys = settings.api_key_set
     app.state.admission = Admission(settings.max_concurrent_requests, retry_after_s=settings.retry_after_s)
+    metrics.watch(app.state.admission)
     app.include_router(router)
     if settings.admin_token is not None:
         app.include_router(admin_router)

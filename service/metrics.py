@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from service.protocol import RouteDecision, Usage
+
+if TYPE_CHECKING:
+    from service.admission import Admission
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
@@ -59,6 +63,22 @@ class Metrics:
             "Secrets of a request's system prompt redacted from its answers.",
             registry=self.registry,
         )
+        self.in_flight = Gauge(
+            "hybrid_chat_completions_in_flight",
+            "Chat completions admitted and not yet answered to the end (HYBRID_MAX_CONCURRENT_REQUESTS "
+            "caps them).",
+            registry=self.registry,
+        )
+        self.draining = Gauge(
+            "hybrid_draining",
+            "1 from SIGTERM until the gateway stops (it drains), else 0.",
+            registry=self.registry,
+        )
+
+    def watch(self, admission: Admission) -> None:
+        """Read the gauges off ``admission`` at each scrape."""
+        self.in_flight.set_function(lambda: admission.generating)
+        self.draining.set_function(lambda: float(admission.draining))
 
     def count_usage(self, model: str, usage: Usage | None) -> None:
         if usage is not None:

@@ -59,14 +59,41 @@ class RunningService:
 
     def engine_metric(self, name: str, **labels: str) -> float:
         """Sum of a vLLM Prometheus sample over the series matching ``labels``."""
-        text = httpx.get(f"{self.engine_url}/metrics", timeout=10).text
-        total = 0.0
-        for line in text.splitlines():
-            if not line.startswith(name + "{"):
-                continue
-            if all(f'{key}="{value}"' in line for key, value in labels.items()):
-                total += float(line.rsplit(" ", 1)[1])
-        return total
+        return _scrape(self.engine_url, name, labels)
+
+    def gateway_metric(self, name: str, **labels: str) -> float:
+        return _scrape(self.url, name, labels)
+
+    def describe(self, lines: int = 15) -> str:
+        """Whether the gateway still runs, and its and the engine's last log lines: what a failed
+        test must print, since CI keeps only the test output."""
+        code = self.process.poll()
+        state = "running" if code is None else f"exited with code {code}"
+        return (
+            f"gateway {state}\n--- gateway log\n{log_tail(self.data_dir / 'gateway.log', lines)}"
+            f"\n--- engine log\n{log_tail(self.log_file, lines)}"
+        )
+
+
+def _scrape(url: str, name: str, labels: dict[str, str]) -> float:
+    """Sum of a Prometheus sample of ``url``'s /metrics over the series matching ``labels``."""
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    total = 0.0
+    for line in text.splitlines():
+        if line.split("{", 1)[0].split(" ", 1)[0] != name:
+            continue
+        if all(f'{key}="{value}"' in line for key, value in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+@contextmanager
+def explained(service: RunningService) -> Iterator[None]:
+    """Re-raise whatever fails in the block with :meth:`RunningService.describe` beside it."""
+    try:
+        yield
+    except Exception as exc:
+        raise AssertionError(f"{type(exc).__name__}: {exc}\n{service.describe()}") from exc
 
 
 def _is_engine(process: psutil.Process, port: int) -> bool:

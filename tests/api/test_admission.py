@@ -11,6 +11,7 @@ from fastapi import FastAPI
 
 from service.settings import Settings
 from tests.api.conftest import CHAT, assert_error, chat_body, make_settings, sse_json
+from tests.api.test_models_health_metrics import metric, scrape
 from tests.fakes import FakeEngine
 from tests.vllm_bodies import chunk, stream_chunks
 
@@ -40,6 +41,7 @@ async def test_streams_over_the_cap_get_429_and_admitted_ones_complete(
     assert_error(refused, 429, param=None, code="rate_limit_exceeded", error_type="requests")
     assert refused.headers["retry-after"] == "1"
     assert len(engine.chat_requests) == 2  # the refused request never reached the engine
+    assert metric(await scrape(client), "hybrid_chat_completions_in_flight") == 2
 
     # The engine drops both connections: each admitted stream still ends properly (an error
     # event, then [DONE]), and the slots are free again.
@@ -51,12 +53,15 @@ async def test_streams_over_the_cap_get_429_and_admitted_ones_complete(
     engine.enqueue_stream(stream_chunks("Hello"))
     _, last = sse_json(await client.post(CHAT, json=chat_body(stream=True)))
     assert last == "[DONE]"
+    assert metric(await scrape(client), "hybrid_chat_completions_in_flight") == 0
 
 
 async def test_draining_gateway_refuses_chat_and_is_not_ready(
     app: FastAPI, client: httpx.AsyncClient, engine: FakeEngine
 ) -> None:
+    assert metric(await scrape(client), "hybrid_draining") == 0
     app.state.admission.start_draining()
+    assert metric(await scrape(client), "hybrid_draining") == 1
     assert_error(await client.post(CHAT, json=chat_body()), 503, param=None, code="shutting_down")
     ready = await client.get("/ready")
     assert_error(ready, 503, param=None, code="shutting_down")
