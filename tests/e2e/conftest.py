@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 
 from tests.harness import (
@@ -44,8 +46,9 @@ def pytest_runtest_makereport(
     elif call.when == "call" and report.failed:
         warned = _warnings(gateway_log, since=item.stash.get(_LOG_OFFSET, 0))
         report.sections.append(("gateway warnings during the test", warned))
-        report.sections.append(("gateway log, last lines", log_tail(gateway_log, lines=15)))
-        report.sections.append(("engine log, last lines", log_tail(service.log_file, lines=30)))
+        report.sections.append(("machine", _machine(service)))
+        report.sections.append(("gateway log, last lines", log_tail(gateway_log, lines=10)))
+        report.sections.append(("engine log, last lines", log_tail(service.log_file, lines=20)))
     return report
 
 
@@ -59,6 +62,19 @@ def _warnings(log: Path, *, since: int, lines: int = 40) -> str:
         text = file.read().decode(errors="replace")
     found = [line for line in text.splitlines() if _LEVELS.search(line)]
     return "\n".join(found[-lines:]) or "(none)"
+
+
+def _machine(service: RunningService) -> str:
+    """What a loaded or constrained machine would show: load, free memory, the gateway's
+    descriptors against its limit."""
+    load = " ".join(f"{value:.1f}" for value in os.getloadavg())
+    available = psutil.virtual_memory().available / 2**30
+    try:
+        gateway = psutil.Process(service.process.pid)
+        fds = f"{gateway.num_fds()} of {gateway.rlimit(psutil.RLIMIT_NOFILE)[0]}"
+    except psutil.Error as exc:
+        fds = f"unknown ({exc!r})"
+    return f"load {load}; {available:.1f} GiB available; gateway descriptors {fds}"
 
 
 @pytest.fixture(scope="session")
