@@ -5,8 +5,13 @@ the real one. It uses aiohttp rather than httpx: on this hot path httpx costs ab
 more per request (measured against a loopback server), a third of the latency budget the
 gateway has. Tests put a real loopback fake server behind it for the error paths.
 
+A request whose connection to the engine could not be opened (refused, or the connect timed
+out) is sent once more after a short pause: nothing reached the engine, so nothing is done
+twice, and the cause is usually brief (a connect seen late by a busy event loop, a replica
+behind a router that just went away).
+
 Failure mapping:
-    cannot connect / connection lost        503 engine_unavailable (Retry-After)
+    cannot connect (twice) / connection lost 503 engine_unavailable (Retry-After)
     silent past the read timeout            504 engine_timeout
     vLLM 400/422                            400 (context_length_exceeded when it says so)
     vLLM 404                                404 model_not_found
@@ -16,7 +21,9 @@ Failure mapping:
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import re
 from collections.abc import AsyncIterator
 from typing import Any, Protocol, TypeVar
@@ -38,6 +45,11 @@ from service.protocol import ChatCompletion, ModelCard, ModelList, PromptSize
 _T = TypeVar("_T", ChatCompletion, ModelList, PromptSize)
 _CONTEXT_WORDS = re.compile(r"maximum context length|max_model_len|context length", re.IGNORECASE)
 _CHAT = "/v1/chat/completions"
+_CONNECT_FAILURES = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)
+"""Raised before a byte of the request was sent: safe to send again."""
+CONNECT_RETRY_PAUSE_S = 0.25
+
+logger = logging.getLogger(__name__)
 
 
 class EngineStream(Protocol):
@@ -143,7 +155,7 @@ class VLLMEngine:
 
     async def open_chat_stream(self, payload: dict[str, Any]) -> EngineStream:
         try:
-            response = await self._session.post(self._base_url + _CHAT, json=payload)
+            response = await self._send("POST", _CHAT, json=payload)
         except aiohttp.ConnectionTimeoutError as exc:
             raise self._unavailable(exc) from exc
         except TimeoutError as exc:
@@ -170,9 +182,7 @@ class VLLMEngine:
     ) -> tuple[int, bytes]:
         options: dict[str, Any] = {} if timeout_s is None else {"timeout": timeout_s}
         try:
-            async with self._session.request(
-                method, self._base_url + path, json=payload, **options
-            ) as response:
+            async with await self._send(method, path, json=payload, **options) as response:
                 return response.status, await response.read()
         except aiohttp.ConnectionTimeoutError as exc:
             raise self._unavailable(exc) from exc
@@ -180,6 +190,16 @@ class VLLMEngine:
             raise _timeout(exc) from exc
         except aiohttp.ClientError as exc:
             raise self._unavailable(exc) from exc
+
+    async def _send(self, method: str, path: str, **options: Any) -> aiohttp.ClientResponse:
+        """The engine's response (headers read), the request sent a second time if its first
+        connection could not be opened."""
+        try:
+            return await self._session.request(method, self._base_url + path, **options)
+        except _CONNECT_FAILURES as exc:
+            logger.info("no connection to the engine (%s); trying once more", type(exc).__name__)
+        await asyncio.sleep(CONNECT_RETRY_PAUSE_S)
+        return await self._session.request(method, self._base_url + path, **options)
 
     def _unavailable(self, exc: BaseException) -> EngineUnavailableError:
         return EngineUnavailableError(
