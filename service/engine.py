@@ -11,7 +11,7 @@ twice, and the cause is usually brief (a connect seen late by a busy event loop,
 behind a router that just went away).
 
 Failure mapping:
-    cannot connect (twice) / connection lost 503 engine_unavailable (Retry-After)
+    no connection, twice / connection lost  503 engine_unavailable (Retry-After)
     silent past the read timeout            504 engine_timeout
     vLLM 400/422                            400 (context_length_exceeded when it says so)
     vLLM 404                                404 model_not_found
