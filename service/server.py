@@ -30,22 +30,27 @@ class DrainingServer(uvicorn.Server):
         super().__init__(config)
         self._admission = admission
         self._drain_timeout_s = drain_timeout_s
+        self._drain_announced = False
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        # A signal handler: only flags are set here; on_tick does the rest on the event loop.
+        # A signal handler: only flags are set here, and nothing is logged (a handler writing to
+        # the stream the interrupted code was writing fails with "reentrant call"); on_tick does
+        # the rest on the event loop.
         if self._admission.draining or sig not in (signal.SIGTERM, signal.SIGINT):
             super().handle_exit(sig, frame)
             return
         self._captured_signals.append(sig)  # uvicorn re-raises it once stopped, as it would have
         self._admission.start_draining()
-        logger.info(
-            "draining: new requests get 503; %d in flight may take up to %.0f s",
-            self._admission.in_flight,
-            self._drain_timeout_s,
-        )
 
     async def on_tick(self, counter: int) -> bool:
         since = self._admission.draining_since
+        if since is not None and not self._drain_announced:
+            self._drain_announced = True
+            logger.info(
+                "draining: new requests get 503; %d in flight may take up to %.0f s",
+                self._admission.in_flight,
+                self._drain_timeout_s,
+            )
         if since is not None and not self.should_exit:
             overdue = time.monotonic() - since >= self._drain_timeout_s
             if self._admission.in_flight == 0 or overdue:
