@@ -72,6 +72,11 @@ class Stall:
 
 STALL_S = 3.0
 
+HOLD_S = 60.0
+"""How long a held stream waits for its client to leave: as long as a test on a loaded machine
+may need, and still bounded, so that a test that fails while holding cannot stall the fake's
+shutdown for good."""
+
 
 @dataclass(frozen=True)
 class RaiseReply:
@@ -298,7 +303,7 @@ class FakeEngine:
             await response.write(f"data: {data}\n\n".encode())
         if reply.hold:
             record = self.streams[-1]
-            await record.wait_closed(timeout_s=STALL_S)
+            await record.wait_closed(timeout_s=HOLD_S)
             return response
         if reply.fail_with is not None:
             return await _fail(request, reply.fail_with, response)

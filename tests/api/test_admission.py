@@ -12,13 +12,14 @@ from fastapi import FastAPI
 from service.settings import Settings
 from tests.api.conftest import CHAT, assert_error, chat_body, make_settings, sse_json
 from tests.api.test_models_health_metrics import metric, scrape
-from tests.fakes import FakeEngine
+from tests.fakes import HOLD_S, FakeEngine
 from tests.vllm_bodies import chunk, stream_chunks
 
 
 @pytest.fixture
 def settings() -> Settings:
-    return make_settings(max_concurrent_requests=2, engine_read_timeout_s=5)
+    # The held streams stay open for as long as the test needs, even if a loaded machine pauses it.
+    return make_settings(max_concurrent_requests=2, engine_read_timeout_s=HOLD_S)
 
 
 async def test_streams_over_the_cap_get_429_and_admitted_ones_complete(

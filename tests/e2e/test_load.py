@@ -135,12 +135,12 @@ async def _burst(service: RunningService, url: str) -> _Burst:
             async with asyncio.timeout(180):
                 for _ in range(CONCURRENT):
                     await opened.acquire()
-                # The gateway answers once vLLM accepted a request, which is in vLLM's queue a
-                # moment later. vLLM runs up to its max_num_seqs at once (128 on CPU); the rest wait.
-                await _engine_holds(service, lambda held: sum(held) >= CONCURRENT, 180)
                 await burst.generating.wait()
-                burst.held = await _engine_holds(service, lambda held: True, 0)
-                burst.generated = await _generated(service)
+            # The gateway answers once vLLM accepted a request, which is in vLLM's queue a
+            # moment later. vLLM runs up to its max_num_seqs at once (128 on CPU); the rest wait.
+            burst.held = await _engine_holds(service, lambda held: sum(held) >= CONCURRENT, 60)
+            assert sum(burst.held) >= CONCURRENT, f"vLLM held {burst.held} (running, waiting)"
+            burst.generated = await _generated(service)
         finally:
             burst.leave.set()
             await asyncio.gather(*tasks)
