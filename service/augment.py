@@ -66,6 +66,8 @@ def route_of(decision: Decision, passages: Sequence[Passage], reason: str) -> Ro
             collection=passage.collection,
             chunk_id=passage.id,
             volatile=passage.volatile,
+            heading=passage.heading,
+            page=passage.page,
         )
         for number, passage in enumerate(passages, start=1)
     ]

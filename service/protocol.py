@@ -208,6 +208,8 @@ class RouteSource(_Wire):
     collection: str
     chunk_id: str
     volatile: bool  # from a volatile collection (news, prices): fresher than what models know
+    heading: str | None = None  # heading path of the passage's section ("Release notes > 2.4")
+    page: int | None = None  # the PDF page it comes from, 1-based; None for other formats
 
 
 class RagRoute(_Wire):

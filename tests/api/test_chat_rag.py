@@ -16,13 +16,34 @@ from service.context_block import PREAMBLE
 from service.settings import Settings
 from tests.api.admin_support import TOKEN
 from tests.api.conftest import CHAT, USER, assert_error, chat_body, make_settings, sse_json
-from tests.api.test_admin_collections import PASSWORDS, REFUNDS, SHIPPING, doc, ingested
+from tests.api.test_admin_collections import (
+    AUTH,
+    PASSWORDS,
+    PDF_PAGES,
+    REFUNDS,
+    SHIPPING,
+    doc,
+    documents_path,
+    ingested,
+)
 from tests.fakes import FakeEngine
 from tests.openai_schema import assert_conforms
+from tests.unit.test_loaders import make_pdf
 from tests.vllm_bodies import BASE_MODEL, prompt_tokens, stream_chunks
 
 QUESTION = {"role": "user", "content": "How long does a refund take to reach my card?"}
-ROUTE_SOURCE_KEYS = {"id", "source", "title", "score", "text", "collection", "chunk_id", "volatile"}
+ROUTE_SOURCE_KEYS = {
+    "id",
+    "source",
+    "title",
+    "score",
+    "text",
+    "collection",
+    "chunk_id",
+    "volatile",
+    "heading",
+    "page",
+}
 
 
 @pytest.fixture
@@ -103,7 +124,7 @@ async def test_rag_on_gives_the_engine_the_sources_in_a_system_message(
     assert [source["id"] for source in sources] == [1, 2, 3]
     for source in sources:
         assert set(source) <= ROUTE_SOURCE_KEYS
-        assert ROUTE_SOURCE_KEYS - set(source) <= {"title"}
+        assert ROUTE_SOURCE_KEYS - set(source) <= {"title", "heading", "page"}
         assert isinstance(source["score"], float)
         assert -1.0 <= source["score"] <= 1.0
         assert source["collection"] == "handbook"
@@ -411,3 +432,38 @@ async def test_sources_say_whether_their_collection_is_volatile(
     flags = {source["source"]: source["volatile"] for source in sources}
     assert flags["news/refund-pause.txt"] is True
     assert flags["policies/refunds.md"] is False
+
+
+# ---------------------------------------------------------------------------- where a source comes from
+
+
+async def test_a_source_carries_the_heading_path_of_its_section(
+    client: httpx.AsyncClient, engine: FakeEngine, handbook: None
+) -> None:
+    notes = "# Release notes\n\n## 2.4\n\nThe export button moved to the toolbar."
+    await ingested(client, "changelog", doc("CHANGELOG.md", notes))
+    response = await rag_chat(
+        client, engine, messages=[{"role": "user", "content": "Where is the export button?"}]
+    )
+    assert_conforms("CreateChatCompletionResponse", response.json())
+    sources = response.json()["route"]["rag"]["sources"]
+    assert sources[0]["source"] == "CHANGELOG.md"
+    assert sources[0]["heading"] == "Release notes > 2.4"  # the path as the index stores it
+    assert sources[0]["title"] == "Release notes"
+    assert sources[0]["text"] == "The export button moved to the toolbar."
+    assert "page" not in sources[0]  # not a PDF
+    refunds = next(source for source in sources if source["source"] == "policies/refunds.md")
+    assert "heading" not in refunds  # no heading above it: omitted, as a missing title is
+
+
+async def test_a_source_from_a_pdf_carries_its_page(client: httpx.AsyncClient, engine: FakeEngine) -> None:
+    manual = ("safety.pdf", make_pdf(*PDF_PAGES, title="Safety manual"), "application/pdf")
+    upload = await client.post(documents_path("manual"), files={"file": manual}, headers=AUTH)
+    assert upload.status_code == 200, upload.text
+    question = {"role": "user", "content": "Where is the assembly point?"}
+    response = await rag_chat(client, engine, messages=[question])
+    assert_conforms("CreateChatCompletionResponse", response.json())
+    first, second = response.json()["route"]["rag"]["sources"]
+    assert (first["text"], first["page"]) == (PDF_PAGES[1], 2)
+    assert (second["text"], second["page"]) == (PDF_PAGES[0], 1)
+    assert "heading" not in first
