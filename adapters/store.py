@@ -6,6 +6,7 @@ Layout::
                                     be mounted at different paths on different hosts)
     <root>/.versions/<name>-<hex>/  adapter_config.json, adapter_model.safetensors, manifest.json
     <root>/.tmp-<hex>               a write (or a removal) in progress
+    <root>/.router/                 the fitted routers (:mod:`service.router_store`): not ours
 
 Why this shape: a version directory is written once (each file fsynced, then the directory),
 renamed into ``.versions`` and never changed again. Registration then publishes it by creating
@@ -45,6 +46,7 @@ from adapters.validation import NAME_PATTERN
 logger = logging.getLogger(__name__)
 
 VERSIONS_DIR = ".versions"
+ROUTER_DIR = ".router"  # the router store's, kept here so gateways sharing adapters share it
 TMP_PREFIX = SCRATCH_PREFIX
 _HEX = 32  # uuid4().hex
 
@@ -245,7 +247,7 @@ class AdapterStore:
                 continue
             if entry.is_symlink():
                 referenced.add(Path(os.readlink(entry)).name)
-            if entry.name == VERSIONS_DIR:
+            if entry.name in (VERSIONS_DIR, ROUTER_DIR):
                 continue
             if not NAME_PATTERN.fullmatch(entry.name):
                 logger.warning("ignoring %s: not an adapter name", entry)

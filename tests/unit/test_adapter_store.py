@@ -15,13 +15,15 @@ import time
 import uuid
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from adapters.errors import AdapterExistsError, AdapterStoreError, AdapterValidationError
 from adapters.manifest import CONFIG_FILE, MANIFEST_FILE, WEIGHTS_FILE, AdapterManifest
-from adapters.store import AdapterRecord, AdapterStore
+from adapters.store import ROUTER_DIR, AdapterRecord, AdapterStore
 from adapters.validation import BaseModelInfo, validate_adapter
 from service.bundled_model import HF_ID, SERVED_NAME
+from service.router_store import RouterStore
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -294,6 +296,31 @@ def test_entries_without_a_valid_manifest_are_ignored(
     for name in ("junk", "bad", "renamed", "escape", "gone", "notes.txt", "Upper"):
         assert name in caplog.text
         assert os.path.lexists(root / name)  # ignored, not deleted: they are not the store's
+
+
+def test_the_router_store_beside_the_adapters_is_left_alone(
+    root: Path, lora_adapter: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    kept = put(AdapterStore(root), "legal", lora_adapter)
+    routers = RouterStore(root / ROUTER_DIR)
+    with routers.locked():
+        published = routers.publish(
+            {"labels": ["legal"]}, {"w": np.ones(2, dtype=np.float32)}, [("q", "legal")]
+        )
+    router_scratch = root / ROUTER_DIR / ".tmp-0123456789abcdef0123456789abcdef"
+    router_scratch.mkdir()  # a router publish in progress: the router store's to sweep, not ours
+    before = sorted(str(p.relative_to(root)) for p in (root / ROUTER_DIR).rglob("*"))
+
+    with caplog.at_level(logging.INFO, logger="adapters.store"):
+        store = AdapterStore(root, stale_after_s=0)
+    assert store.list() == [kept]
+    assert store.get(ROUTER_DIR) is None
+    assert not store.delete(ROUTER_DIR)
+    assert ROUTER_DIR not in caplog.text  # not even warned about as "not an adapter name"
+    assert sorted(str(p.relative_to(root)) for p in (root / ROUTER_DIR).rglob("*")) == before
+    current = routers.current()
+    assert current is not None
+    assert current.meta == published.meta
 
 
 def test_hand_copied_adapter_is_served_but_not_replaced_in_place(root: Path, lora_adapter: Path) -> None:
