@@ -8,6 +8,7 @@ the store's own validation passes, so ``--output`` never holds a half-written ad
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import random
@@ -29,6 +30,11 @@ from adapters.training_data import DataSplit, Example, load_split
 from adapters.validation import BaseModelInfo, validate_adapter, validate_name
 
 logger = logging.getLogger(__name__)
+
+PROMPT_CHARS = 2000
+"""The longest prompt the admin API takes (an example or a training prompt)."""
+TRAINING_PROMPTS_LIMIT = 5000
+"""The most training prompts the admin API takes for one adapter."""
 
 
 @dataclass(frozen=True)
@@ -232,8 +238,20 @@ def _publish(
 def routing_examples(examples: list[Example] | tuple[Example, ...], count: int, seed: int) -> list[str]:
     """Up to ``count`` distinct last user messages of the training rows (seeded sample), for the
     router when none are given; each cut to the admin API's 2,000 characters."""
-    prompts = list(
-        dict.fromkeys(next(m.content for m in reversed(e.prompt) if m.role == "user") for e in examples)
-    )
+    prompts = list(dict.fromkeys(_last_user_message(e) for e in examples))
     random.Random(seed).shuffle(prompts)
-    return [p[:2000] for p in prompts[:count]]
+    return [p[:PROMPT_CHARS] for p in prompts[:count]]
+
+
+def training_prompts(
+    examples: list[Example] | tuple[Example, ...], limit: int = TRAINING_PROMPTS_LIMIT
+) -> list[str]:
+    """The distinct last user messages of the training rows, in order, at most ``limit``: the
+    router learns the adapter's class from them. Each is cut to the admin API's 2,000
+    characters; a blank one, which the API refuses, is left out."""
+    prompts = (_last_user_message(e)[:PROMPT_CHARS] for e in examples)
+    return list(itertools.islice(dict.fromkeys(p for p in prompts if p.strip()), limit))
+
+
+def _last_user_message(example: Example) -> str:
+    return next(m.content for m in reversed(example.prompt) if m.role == "user")

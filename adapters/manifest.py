@@ -45,6 +45,9 @@ class AdapterManifest:
     base_model: str
     created_at: datetime
     """Timezone-aware, UTC."""
+    training_prompts: tuple[str, ...] = ()
+    """Prompts of the adapter's training data: the router learns the adapter's class from them,
+    with the examples."""
 
     @classmethod
     def from_spec(
@@ -57,6 +60,7 @@ class AdapterManifest:
         threshold: float | None = None,
         allow_retrieval: bool = True,
         created_at: datetime | None = None,
+        training_prompts: tuple[str, ...] = (),
     ) -> AdapterManifest:
         """The manifest of a freshly validated adapter."""
         return cls(
@@ -71,6 +75,7 @@ class AdapterManifest:
             target_modules=spec.target_modules,
             base_model=spec.base_model_name_or_path,
             created_at=created_at or datetime.now(UTC),
+            training_prompts=tuple(training_prompts),
         )
 
     def to_json(self) -> bytes:
@@ -87,6 +92,7 @@ class AdapterManifest:
             "target_modules": list(self.target_modules),
             "base_model": self.base_model,
             "created_at": self.created_at.astimezone(UTC).isoformat().replace("+00:00", "Z"),
+            "training_prompts": list(self.training_prompts),
         }
         return json.dumps(payload, indent=2).encode()
 
@@ -112,6 +118,8 @@ class AdapterManifest:
         allow_retrieval = data.get("allow_retrieval", True)
         if not isinstance(allow_retrieval, bool):
             raise ManifestError("allow_retrieval is not a boolean")
+        # Absent from manifests written before adapters carried their training prompts: none.
+        training_prompts = _strings(data, "training_prompts") if "training_prompts" in data else ()
         alpha = data.get("alpha")
         if not _is_number(alpha):
             raise ManifestError("alpha is not a number")
@@ -127,6 +135,7 @@ class AdapterManifest:
             target_modules=_strings(data, "target_modules"),
             base_model=_typed(data, "base_model", str),
             created_at=created_at.astimezone(UTC),
+            training_prompts=training_prompts,
         )
 
 

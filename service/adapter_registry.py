@@ -56,6 +56,7 @@ class Registration:
     threshold: float | None = None
     allow_retrieval: bool = True
     replace: bool = False
+    training_prompts: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,7 @@ class RoutingUpdate:
     threshold: float | None = None
     clear_threshold: bool = False
     allow_retrieval: bool | None = None
+    training_prompts: tuple[str, ...] | None = None
 
     def apply(self, manifest: AdapterManifest) -> AdapterManifest:
         threshold = (
@@ -83,6 +85,9 @@ class RoutingUpdate:
             allow_retrieval=manifest.allow_retrieval
             if self.allow_retrieval is None
             else self.allow_retrieval,
+            training_prompts=manifest.training_prompts
+            if self.training_prompts is None
+            else self.training_prompts,
         )
 
 
@@ -189,6 +194,7 @@ class AdapterRegistry:
             examples=registration.examples,
             threshold=registration.threshold,
             allow_retrieval=registration.allow_retrieval,
+            training_prompts=registration.training_prompts,
         )
         # vLLM's filesystem resolver (many replicas) loads an adapter only when its config
         # names the model the engine was started with, whichever alias it was made with.

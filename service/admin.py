@@ -14,7 +14,8 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic_core import PydanticCustomError
 from starlette.datastructures import FormData, UploadFile
 
 from adapters.errors import AdapterValidationError
@@ -29,6 +30,9 @@ from service.parsing import invalid_request, parse_json_body
 from service.settings import Settings
 
 MAX_CONFIG_BYTES = 1024 * 1024
+MAX_FORM_FIELD_BYTES = 64 * 1024 * 1024
+"""The largest form field of an upload: ``training_prompts``, up to 5,000 prompts of 2,000
+characters, JSON-escaped (``\\uXXXX`` is six bytes a character)."""
 
 
 async def _registry(request: Request) -> AdapterRegistry:
@@ -45,6 +49,18 @@ Examples = Annotated[list[Annotated[str, Field(max_length=2000)]], Field(max_len
 Threshold = Annotated[float, Field(ge=-1.0, le=1.0)]
 
 
+def _not_blank(text: str) -> str:
+    if not text.strip():
+        raise PydanticCustomError("blank_string", "a training prompt must not be blank")
+    return text
+
+
+TrainingPrompts = Annotated[
+    list[Annotated[str, Field(max_length=2000), AfterValidator(_not_blank)]], Field(max_length=5000)
+]
+"""Prompts of the adapter's training data: the router learns the adapter's class from them."""
+
+
 class RegisterAdapter(BaseModel):
     """A registration naming a server-side directory under ``HYBRID_ADAPTER_IMPORT_DIR``."""
 
@@ -56,6 +72,7 @@ class RegisterAdapter(BaseModel):
     threshold: Threshold | None = None
     allow_retrieval: bool = True
     replace: bool = False
+    training_prompts: TrainingPrompts = []
 
     def registration(self) -> Registration:
         return Registration(
@@ -65,6 +82,7 @@ class RegisterAdapter(BaseModel):
             self.threshold,
             self.allow_retrieval,
             self.replace,
+            training_prompts=tuple(self.training_prompts),
         )
 
 
@@ -77,6 +95,7 @@ class UpdateAdapter(BaseModel):
     examples: Examples | None = None
     threshold: Threshold | None = None
     allow_retrieval: bool | None = None
+    training_prompts: TrainingPrompts | None = None
 
     def update(self) -> RoutingUpdate:
         return RoutingUpdate(
@@ -85,6 +104,7 @@ class UpdateAdapter(BaseModel):
             threshold=self.threshold,
             clear_threshold="threshold" in self.model_fields_set and self.threshold is None,
             allow_retrieval=self.allow_retrieval,
+            training_prompts=None if self.training_prompts is None else tuple(self.training_prompts),
         )
 
 
@@ -95,7 +115,7 @@ async def register_adapter(request: Request, registry: RegistryDep) -> JSONRespo
     content_type = request.headers.get("content-type", "")
     with _scratch(settings.adapter_store_dir) as scratch:
         if content_type.startswith("multipart/form-data"):
-            async with request.form(max_files=2, max_fields=20, max_part_size=MAX_CONFIG_BYTES) as form:
+            async with request.form(max_files=2, max_fields=20, max_part_size=MAX_FORM_FIELD_BYTES) as form:
                 registration, source = await _from_upload(form, scratch)
         else:
             body = await parse_json_body(request, RegisterAdapter)
@@ -144,6 +164,8 @@ def adapter_json(record: AdapterRecord) -> dict[str, Any]:
         "target_modules": list(manifest.target_modules),
         "base_model": manifest.base_model,
         "created_at": manifest.created_at.isoformat(),
+        # A count: an adapter trained on thousands of rows carries thousands of prompts.
+        "training_prompts": len(manifest.training_prompts),
     }
 
 
@@ -178,7 +200,7 @@ def _from_import_dir(raw: str, import_root: Path | None, scratch: Path) -> Adapt
 
 async def _from_upload(form: FormData, scratch: Path) -> tuple[Registration, AdapterSource]:
     """Multipart: files ``adapter_config`` and ``adapter_model``, and the JSON fields as form
-    fields (``examples`` a JSON list)."""
+    fields (``examples`` and ``training_prompts`` JSON lists)."""
     config_file, weights_file = form.get("adapter_config"), form.get("adapter_model")
     if not isinstance(config_file, UploadFile) or not isinstance(weights_file, UploadFile):
         raise InvalidRequestError(
@@ -188,8 +210,9 @@ async def _from_upload(form: FormData, scratch: Path) -> tuple[Registration, Ada
         )
     fields: dict[str, Any] = {k: v for k, v in form.items() if isinstance(v, str)}
     try:
-        if "examples" in fields:
-            fields["examples"] = json.loads(fields["examples"])
+        for listed in ("examples", "training_prompts"):
+            if listed in fields:
+                fields[listed] = json.loads(fields[listed])
         if "threshold" in fields:
             fields["threshold"] = float(fields["threshold"])
         for flag in ("replace", "allow_retrieval"):

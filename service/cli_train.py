@@ -6,10 +6,14 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from adapters.train_config import DEFAULT_TARGETS, TrainConfig
+
+if TYPE_CHECKING:
+    from adapters.training_data import Example
 
 _DEFAULTS = TrainConfig()
 
@@ -157,15 +161,22 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _register(args: argparse.Namespace, result: Any) -> int:
-    from adapters.fine_tune import routing_examples
     from service.admin_client import admin_client, report, upload_adapter
 
-    examples = args.examples or routing_examples(result.split.train, 20, args.seed)
-    fields = {
+    with admin_client() as client:
+        return report(upload_adapter(client, result.directory, registration_fields(args, result.split.train)))
+
+
+def registration_fields(args: argparse.Namespace, train: Sequence[Example]) -> dict[str, Any]:
+    """The registration sent by ``--register``: the routing examples (given, or 20 from the
+    training split) and every distinct prompt of the training split, which the router learns
+    the adapter's class from."""
+    from adapters.fine_tune import routing_examples, training_prompts
+
+    return {
         "name": args.name,
         "description": args.description,
-        "examples": examples,
+        "examples": args.examples or routing_examples(tuple(train), 20, args.seed),
+        "training_prompts": training_prompts(tuple(train)),
         "replace": args.replace,
     }
-    with admin_client() as client:
-        return report(upload_adapter(client, result.directory, fields))

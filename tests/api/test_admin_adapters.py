@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from adapters.manifest import CONFIG_FILE, WEIGHTS_FILE
+from adapters.manifest import CONFIG_FILE, MANIFEST_FILE, WEIGHTS_FILE
 from adapters.store import VERSIONS_DIR
 from service.bundled_model import HF_ID
 from service.settings import Settings
@@ -229,6 +229,135 @@ class TestWithoutAnImportDir:
     ) -> None:
         assert (await upload(client, "pirate", lora_adapter)).status_code == 201
         assert set(engine.loras) == {"pirate"}
+
+
+# ---------------------------------------------------------------------------- training prompts
+
+PROMPTS = ["Where is the treasure buried?", "Which way to Tortuga?", "How many cannons has the brig?"]
+
+
+def stored_training_prompts(store_dir: Path, name: str) -> list[str]:
+    """The training prompts in the manifest the store holds for ``name``."""
+    prompts: list[str] = json.loads((store_dir / name / MANIFEST_FILE).read_bytes())["training_prompts"]
+    return prompts
+
+
+async def test_an_upload_carries_its_training_prompts_shown_as_a_count(
+    client: httpx.AsyncClient, engine: FakeEngine, store_dir: Path, lora_adapter: Path
+) -> None:
+    response = await upload(client, "pirate", lora_adapter, training_prompts=json.dumps(PROMPTS))
+
+    assert response.status_code == 201, response.text
+    record = response.json()
+    assert record["training_prompts"] == 3
+    assert record["examples"] == []
+    assert (await client.get(f"{ADMIN}/pirate", headers=AUTH)).json() == record
+    assert (await client.get(ADMIN, headers=AUTH)).json()["data"] == [record]
+    assert stored_training_prompts(store_dir, "pirate") == PROMPTS
+
+
+async def test_an_import_path_carries_its_training_prompts(
+    client: httpx.AsyncClient, engine: FakeEngine, import_dir: Path, store_dir: Path, lora_adapter: Path
+) -> None:
+    shutil.copytree(lora_adapter, import_dir / "pirate")
+    body = {"name": "pirate", "path": "pirate", "examples": PROMPTS[:1], "training_prompts": PROMPTS}
+    response = await client.post(ADMIN, json=body, headers=AUTH)
+
+    assert response.status_code == 201, response.text
+    assert response.json()["training_prompts"] == 3
+    assert response.json()["examples"] == PROMPTS[:1]
+    assert stored_training_prompts(store_dir, "pirate") == PROMPTS
+
+
+async def test_an_adapter_registered_without_training_prompts_has_none(
+    client: httpx.AsyncClient, engine: FakeEngine, store_dir: Path, lora_adapter: Path
+) -> None:
+    record = (await upload(client, "pirate", lora_adapter)).json()
+    assert record["training_prompts"] == 0
+    assert stored_training_prompts(store_dir, "pirate") == []
+
+
+async def test_patch_replaces_the_training_prompts_and_only_them(
+    client: httpx.AsyncClient, engine: FakeEngine, store_dir: Path, lora_adapter: Path
+) -> None:
+    first = (
+        await upload(
+            client,
+            "pirate",
+            lora_adapter,
+            description="Answers like a pirate.",
+            examples=json.dumps(["Ahoy?"]),
+            training_prompts=json.dumps(PROMPTS),
+        )
+    ).json()
+
+    patched = await client.patch(f"{ADMIN}/pirate", json={"training_prompts": ["Arr?"]}, headers=AUTH)
+    assert patched.status_code == 200, patched.text
+    assert patched.json() == {**first, "training_prompts": 1}
+    assert stored_training_prompts(store_dir, "pirate") == ["Arr?"]
+
+    # A PATCH that leaves them out leaves them as they are.
+    described = await client.patch(
+        f"{ADMIN}/pirate", json={"description": "Talks like a pirate."}, headers=AUTH
+    )
+    assert described.json()["training_prompts"] == 1
+    assert stored_training_prompts(store_dir, "pirate") == ["Arr?"]
+
+    emptied = await client.patch(f"{ADMIN}/pirate", json={"training_prompts": []}, headers=AUTH)
+    assert emptied.json()["training_prompts"] == 0
+    assert stored_training_prompts(store_dir, "pirate") == []
+    assert (await client.get(f"{ADMIN}/pirate", headers=AUTH)).json() == emptied.json()
+
+
+async def test_5000_training_prompts_of_2000_characters_are_accepted(
+    client: httpx.AsyncClient, engine: FakeEngine, store_dir: Path, lora_adapter: Path
+) -> None:
+    # Escaped by the JSON encoding to six bytes a character: the form field's limit must allow it.
+    prompts = [f"{i:04d}" + "é" * 1996 for i in range(5000)]
+    response = await upload(client, "pirate", lora_adapter, training_prompts=json.dumps(prompts))
+    assert response.status_code == 201, response.text
+    assert response.json()["training_prompts"] == 5000
+    assert stored_training_prompts(store_dir, "pirate") == prompts
+
+
+TRAINING_PROMPTS_REFUSED = {
+    "not-a-list": ("Where is the treasure?", "training_prompts"),
+    "not-strings": ([1, 2], "training_prompts[0]"),
+    "null-entry": (["Ahoy?", None], "training_prompts[1]"),
+    "too-many": (["Ahoy?"] * 5001, "training_prompts"),
+    "too-long": (["Ahoy?", "a" * 2001], "training_prompts[1]"),
+    "empty": (["Ahoy?", ""], "training_prompts[1]"),
+    "blank": (["Ahoy?", "Arr?", " \n\t "], "training_prompts[2]"),
+}
+
+
+@pytest.mark.parametrize(
+    ("value", "param"), TRAINING_PROMPTS_REFUSED.values(), ids=TRAINING_PROMPTS_REFUSED.keys()
+)
+async def test_invalid_training_prompts_are_400_on_every_path(
+    client: httpx.AsyncClient,
+    engine: FakeEngine,
+    import_dir: Path,
+    store_dir: Path,
+    lora_adapter: Path,
+    value: Any,
+    param: str,
+) -> None:
+    shutil.copytree(lora_adapter, import_dir / "pirate")
+    body = {"name": "pirate", "path": "pirate", "training_prompts": value}
+    assert_admin_error(await client.post(ADMIN, json=body, headers=AUTH), 400, param=param, code=None)
+    uploaded = await upload(client, "pirate", lora_adapter, training_prompts=json.dumps(value))
+    assert_admin_error(uploaded, 400, param=param, code=None)
+    await assert_nothing_registered(client, engine, store_dir)
+
+    assert (
+        await upload(client, "pirate", lora_adapter, training_prompts=json.dumps(PROMPTS))
+    ).status_code == 201
+    patched = await client.patch(f"{ADMIN}/pirate", json={"training_prompts": value}, headers=AUTH)
+    error = assert_admin_error(patched, 400, param=param, code=None)
+    if "blank" in error["message"]:
+        assert param.endswith("]")
+    assert stored_training_prompts(store_dir, "pirate") == PROMPTS
 
 
 # ---------------------------------------------------------------------------- replace, delete

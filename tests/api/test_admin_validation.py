@@ -167,6 +167,9 @@ async def test_a_64_char_name_is_accepted(
 FORM_REFUSALS = {
     "examples-not-json": ({"examples": "[not json"}, None),
     "examples-not-a-list": ({"examples": '"one"'}, "examples"),
+    "training-prompts-not-json": ({"training_prompts": "[not json"}, None),
+    "training-prompts-not-a-list": ({"training_prompts": '"one"'}, "training_prompts"),
+    "training-prompt-blank": ({"training_prompts": '["Ahoy?", " "]'}, "training_prompts[1]"),
     "threshold-not-a-number": ({"threshold": "high"}, None),
     "threshold-out-of-range": ({"threshold": "2"}, "threshold"),
     "unknown-field": ({"temperature": "0.2"}, "temperature"),

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from adapters.errors import AdapterExistsError, AdapterStoreError, AdapterValidationError
-from adapters.manifest import CONFIG_FILE, MANIFEST_FILE, WEIGHTS_FILE, AdapterManifest
+from adapters.manifest import CONFIG_FILE, MANIFEST_FILE, WEIGHTS_FILE, AdapterManifest, ManifestError
 from adapters.store import ROUTER_DIR, AdapterRecord, AdapterStore
 from adapters.validation import BaseModelInfo, validate_adapter
 from service.bundled_model import HF_ID, SERVED_NAME
@@ -28,14 +28,21 @@ from service.router_store import RouterStore
 REPO = Path(__file__).resolve().parents[2]
 
 
-def manifest_for(adapter: Path, name: str, *, description: str = "") -> AdapterManifest:
+def manifest_for(
+    adapter: Path, name: str, *, description: str = "", training_prompts: tuple[str, ...] = ()
+) -> AdapterManifest:
     """Validate the adapter as the gateway will, and describe it."""
     base = BaseModelInfo(SERVED_NAME, frozenset({SERVED_NAME, HF_ID}))
     spec = validate_adapter(
         (adapter / CONFIG_FILE).read_bytes(), adapter / WEIGHTS_FILE, base=base, max_rank=16
     )
     return AdapterManifest.from_spec(
-        name, spec, description=description, examples=("What does clause 4 mean?",), threshold=0.42
+        name,
+        spec,
+        description=description,
+        examples=("What does clause 4 mean?",),
+        threshold=0.42,
+        training_prompts=training_prompts,
     )
 
 
@@ -97,6 +104,46 @@ def test_put_get_list_round_trip(root: Path, lora_adapter: Path) -> None:
     assert (root / "legal").resolve() == record.path.resolve()
     assert AdapterStore(root).list() == [record]
     assert visible(root) == [".versions", "legal"]
+
+
+def test_training_prompts_round_trip(root: Path, lora_adapter: Path) -> None:
+    store = AdapterStore(root)
+    prompts = ("How do I freeze my card?", "Où est ma carte ?", "What is my PIN?")
+    manifest = manifest_for(lora_adapter, "banking", training_prompts=prompts)
+    record = store.put(
+        "banking",
+        (lora_adapter / CONFIG_FILE).read_bytes(),
+        lora_adapter / WEIGHTS_FILE,
+        manifest,
+        replace=False,
+    )
+
+    assert record.manifest.training_prompts == prompts
+    assert json.loads((record.path / MANIFEST_FILE).read_text())["training_prompts"] == list(prompts)
+    assert AdapterStore(root).get("banking") == record
+    assert_complete(record)
+
+
+def test_a_manifest_written_before_training_prompts_is_read_with_none(root: Path, lora_adapter: Path) -> None:
+    record = put(AdapterStore(root), "legal", lora_adapter)
+    old = json.loads((record.path / MANIFEST_FILE).read_text())
+    del old["training_prompts"]
+    (record.path / MANIFEST_FILE).write_text(json.dumps(old))
+
+    reread = AdapterStore(root).get("legal")
+    assert reread is not None
+    assert reread.manifest == record.manifest
+    assert reread.manifest.training_prompts == ()
+    assert reread.manifest.examples == ("What does clause 4 mean?",)
+
+
+@pytest.mark.parametrize("value", ["one prompt", None, [1, 2], {"a": "b"}, ["ok", None]])
+def test_training_prompts_that_are_not_a_list_of_strings_are_refused(
+    lora_adapter: Path, value: object
+) -> None:
+    data = json.loads(manifest_for(lora_adapter, "legal").to_json())
+    with pytest.raises(ManifestError, match="training_prompts"):
+        AdapterManifest.from_json(json.dumps({**data, "training_prompts": value}).encode())
 
 
 def test_list_is_sorted_and_unknown_names_are_none(root: Path, lora_adapter: Path) -> None:

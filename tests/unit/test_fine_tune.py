@@ -3,17 +3,24 @@ rows, a report that says so, early stopping that keeps the best weights, clear r
 
 from __future__ import annotations
 
+import argparse
+import email
+import email.policy
 import json
 from pathlib import Path
 
+import httpx
 import pytest
 from safetensors import safe_open
 
-from adapters.fine_tune import FineTuneResult, fine_tune, routing_examples
+from adapters.fine_tune import FineTuneResult, fine_tune, routing_examples, training_prompts
 from adapters.train_config import TrainConfig
+from adapters.training_data import Example, Message
 from adapters.validation import BaseModelInfo, validate_adapter
+from service.admin_client import upload_adapter
 from service.bundled_model import HF_ID, SERVED_NAME
 from service.cli import main
+from service.cli_train import registration_fields
 from tests.training_factory import TINY, banking_pairs, tiny_request, write_jsonl
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -86,6 +93,73 @@ def test_routing_examples_are_distinct_training_prompts(trained_banking: FineTun
     assert len(set(examples)) == 20
     assert set(examples) <= prompts
     assert examples == routing_examples(trained_banking.split.train, 20, seed=0)
+
+
+def chat(*turns: tuple[str, str], line: int = 1) -> Example:
+    return Example(tuple(Message(role, content) for role, content in turns), line)  # type: ignore[arg-type]
+
+
+def asked(prompt: str, line: int = 1) -> Example:
+    return chat(("user", prompt), ("assistant", "Sure."), line=line)
+
+
+def test_training_prompts_are_the_distinct_last_user_messages_in_order() -> None:
+    rows = [
+        asked("How do I freeze my card?"),
+        chat(
+            ("system", "You are a bank."),
+            ("user", "Hi"),
+            ("assistant", "Hello."),
+            ("user", "My PIN?"),
+            ("assistant", "1234"),
+        ),
+        asked("How do I freeze my card?"),  # a duplicate
+        asked("  \n"),  # blank: the admin API refuses it
+        asked("x" * 2500),  # cut to the admin API's 2,000 characters...
+        asked("x" * 2000 + "y"),  # ...which makes this one a duplicate
+        asked("Where is my refund?"),
+    ]
+    assert training_prompts(rows) == [
+        "How do I freeze my card?",
+        "My PIN?",
+        "x" * 2000,
+        "Where is my refund?",
+    ]
+    assert training_prompts(rows, limit=2) == ["How do I freeze my card?", "My PIN?"]
+    assert training_prompts([]) == []
+
+
+def test_training_prompts_stop_at_5000() -> None:
+    rows = [asked(f"question {i}", line=i) for i in range(6000)]
+    prompts = training_prompts(rows)
+    assert prompts == [f"question {i}" for i in range(5000)]
+
+
+def test_register_sends_the_training_split_prompts_as_a_form_field(tmp_path: Path) -> None:
+    train = [asked("How do I freeze my card?"), asked("Où est ma carte ?"), asked("How do I freeze my card?")]
+    args = argparse.Namespace(name="banking", description="Cards.", examples=[], seed=0, replace=False)
+    fields = registration_fields(args, train)
+    assert fields["training_prompts"] == ["How do I freeze my card?", "Où est ma carte ?"]
+    assert sorted(fields["examples"]) == sorted(fields["training_prompts"])  # none given: from the data
+
+    (tmp_path / "adapter_config.json").write_text("{}")
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"weights")
+    sent: list[httpx.Request] = []
+
+    def gateway(request: httpx.Request) -> httpx.Response:
+        sent.append(request)
+        return httpx.Response(201, json={})
+
+    with httpx.Client(transport=httpx.MockTransport(gateway), base_url="http://gateway") as client:
+        assert upload_adapter(client, tmp_path, fields).status_code == 201
+    (request,) = sent
+    form = email.message_from_bytes(
+        f"Content-Type: {request.headers['content-type']}\r\n\r\n".encode() + request.content,
+        policy=email.policy.HTTP,
+    )
+    parts = {part.get_param("name", header="content-disposition"): part for part in form.iter_parts()}
+    assert json.loads(parts["training_prompts"].get_content()) == fields["training_prompts"]
+    assert json.loads(parts["examples"].get_content()) == fields["examples"]
 
 
 def lora_b_norm(directory: Path) -> float:
