@@ -45,7 +45,9 @@ def add_parser(commands: Any) -> None:
     fit.set_defaults(handler=_fit)
 
     evaluate = verbs.add_parser(
-        "eval", help="routing accuracy on CLINC150 against a nearest-centroid baseline (no gateway needed)"
+        "eval",
+        help="CLINC150 routing: the learned router against the threshold router and a centroid "
+        "baseline, out of the box and fitted on 10 prompts per intent (no gateway needed)",
     )
     evaluate.add_argument(
         "--data", type=Path, default=None, help="the clinc150 folder (default: ../shared/data/clinc150)"

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from service.route_fit import BASE, RoutingScore, Scored, fit_thresholds
-from service.router import CONTEXT_CHARS, DomainProfile, DomainSignal, routing_query
+from service.router import CONTEXT_CHARS, routing_query
+from service.similarity_router import NearestExample
 
 
 def scored(label: str, **scores: float) -> Scored:
@@ -112,14 +113,38 @@ def test_no_user_text_no_query() -> None:
 
 def test_each_adapter_scores_its_nearest_row() -> None:
     rows = np.eye(3, dtype=np.float32)
-    signal = DomainSignal(
-        [
-            DomainProfile("a", rows[:2], None, True),
-            DomainProfile("b", rows[2:], 0.5, True),
-            DomainProfile("silent", np.zeros((0, 3), dtype=np.float32), None, True),
-        ]
-    )
+    scorer = NearestExample({"a": rows[:2], "b": rows[2:], "silent": np.zeros((0, 3), dtype=np.float32)})
     query = np.array([0.6, 0.8, 0.0], dtype=np.float32)
-    assert signal.scores(query) == {"a": pytest.approx(0.8), "b": pytest.approx(0.0)}
-    assert set(signal.profiles) == {"a", "b", "silent"}
-    assert DomainSignal().scores(query) == {}
+    assert scorer.names == ("a", "b")
+    assert scorer.scores(query)[0] == pytest.approx([0.8, 0.0])
+    (example,) = scorer.scored(["a"], query)
+    assert example.label == "a"
+    assert example.scores == pytest.approx({"a": 0.8, "b": 0.0})
+    assert NearestExample({}).scores(query).shape == (1, 0)
+    assert NearestExample({}).decide(query[None, :], {}, 0.5) == [BASE]
+
+
+def test_the_best_adapter_wins_at_its_threshold_else_base() -> None:
+    rows = np.eye(3, dtype=np.float32)
+    scorer = NearestExample({"a": rows[:2], "b": rows[2:]})
+    queries = np.array([[0.6, 0.8, 0.0], [0.0, 0.0, 1.0], [0.1, 0.0, 0.3]], dtype=np.float32)
+    assert scorer.decide(queries, {}, 0.5) == ["a", "b", BASE]
+    assert scorer.decide(queries, {"a": 0.9, "b": 0.2}, 0.5) == [BASE, "b", "b"]
+
+
+def test_thresholds_fitted_on_scored_examples_as_router_fit_does() -> None:
+    scorer = NearestExample({"a": np.array([[1.0, 0.0]], dtype=np.float32)})
+    vectors = np.array([[0.9, 0.436], [0.5, 0.866]], dtype=np.float32)
+    assert scorer.fit(["a", BASE], vectors)["a"].threshold == pytest.approx(0.7)
+
+
+def test_the_centroid_baseline_has_one_threshold_for_all() -> None:
+    profiles = {
+        "a": np.array([[1.0, 0.0], [0.6, 0.8]], dtype=np.float32),
+        "b": np.array([[0.0, -1.0]], dtype=np.float32),
+    }
+    centroids = NearestExample.centroids(profiles)
+    assert np.linalg.norm(centroids.scores(np.array([1.0, 0.0], dtype=np.float32))) > 0
+    vectors = np.array([[0.894, 0.447], [0.0, -1.0], [-0.6, 0.8]], dtype=np.float32)
+    threshold = centroids.fit_one_threshold(["a", "b", BASE], vectors)
+    assert centroids.decide(vectors, {}, threshold) == ["a", "b", BASE]
