@@ -57,8 +57,10 @@ from index.lexical import LexicalIndex
 from index.loaders import text_document
 from index.retrieval import Retriever
 from index.store import ChunkStore, StoredChunk, persistent_client
+from service.general_chat import general_chat_prompts
 from service.route_fit import BASE
-from service.router import DomainSignal, Router
+from service.route_learner import ActiveRoute, RouteLearner
+from service.router import Router
 from service.router_eval import FixedAdapters, Split, build_adapters, load_clinc
 from service.settings import Settings
 
@@ -70,7 +72,6 @@ PARTS = ("domain_scores", "list_collections", "describe", "chroma_query", "bm25"
 TARGETS = {"decide_p50_ms": 8.0, "decide_p99_ms": 20.0, "decide_to_embed_ratio": 1.3}
 DEFAULTS = Settings.model_fields
 RAG_THRESHOLD = float(DEFAULTS["rag_threshold"].default)
-ROUTER_THRESHOLD = float(DEFAULTS["router_threshold"].default)
 TOP_K = int(DEFAULTS["rag_top_k"].default)
 DEPTH = max(4 * TOP_K, 20)  # what Retriever.search asks of each ranking in hybrid mode
 STARTED = time.perf_counter()
@@ -99,6 +100,7 @@ class Setup:
     embedder: Embedder
     retriever: Retriever
     router: Router
+    router_adapters: FixedAdapters
     samples_ms: dict[str, list[float]] = field(default_factory=lambda: {p: [] for p in PROBES})
     vectors: list[Vectors] = field(default_factory=list)
     adapters: list[str] = field(default_factory=list)
@@ -158,7 +160,13 @@ def ms_since(started: float) -> float:
 async def measure(
     setups: list[Setup], store: ChunkStore, lexical: LexicalIndex, queries: list[Query], warmup: int
 ) -> dict[str, list[float]]:
-    signals = {s.backend: await s.router.domain_signal() for s in setups}
+    signals: dict[str, ActiveRoute] = {}
+    for setup in setups:
+        assert setup.router.learner is not None
+        # The classifier over the adapters' examples and general chat, as the gateway fits it.
+        fitted = await setup.router.learner.refresh(setup.router_adapters.manifests)
+        assert fitted is not None
+        signals[setup.backend] = fitted
     parts: dict[str, list[float]] = {part: [] for part in PARTS}
     for i in range(-warmup, len(queries)):
         text = queries[i % len(queries)].text
@@ -191,13 +199,13 @@ async def measure(
 
 
 def search_parts(
-    setup: Setup, signal: DomainSignal, store: ChunkStore, lexical: LexicalIndex, text: str
+    setup: Setup, signal: ActiveRoute, store: ChunkStore, lexical: LexicalIndex, text: str
 ) -> dict[str, float]:
     """The blocking work of a decision, piece by piece, on this query's vector."""
     vector, revision = setup.vectors[-1], store.describe(COLLECTION).revision
     corpus = functools.partial(store.corpus, COLLECTION)
     work: dict[str, Callable[[], object]] = {
-        "domain_scores": lambda: signal.scores(vector),
+        "domain_scores": lambda: signal.model.scores(vector),
         "list_collections": store.collection_names,
         "describe": lambda: store.describe(COLLECTION),
         "chroma_query": lambda: store.query(COLLECTION, vector, DEPTH, now=None),
@@ -280,14 +288,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         router = functools.partial(
             Router,
             top_k=TOP_K,
-            default_threshold=ROUTER_THRESHOLD,
             rag_threshold=RAG_THRESHOLD,
             retry_after_s=1,
         )
         setups = []
         for backend, embedder in embedders.items():
             retriever = Retriever(store, embedder, lexical)
-            setups.append(Setup(backend, embedder, retriever, router(embedder, retriever, adapters)))
+            learner = RouteLearner(embedder, None, general_chat_prompts())
+            setups.append(
+                Setup(backend, embedder, retriever, router(embedder, retriever, adapters, learner), adapters)
+            )
         started = time.perf_counter()
         Retriever(store, builder, lexical).warm_up()
         index["bm25_build_ms"] = ms_since(started)
@@ -304,7 +314,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "examples_per_adapter": len(adapters.manifests()[0].examples),
             "queries": {"clinc": args.clinc, "pubmedqa": args.pubmedqa, "warmup": args.warmup},
             "top_k": TOP_K,
-            "router_threshold": ROUTER_THRESHOLD,
+            "router": "classifier: 20 examples and a description per adapter, bundled general chat",
             "seed": args.seed,
         },
         "targets": TARGETS,

@@ -14,7 +14,7 @@ from pathlib import Path
 from fastapi import FastAPI
 
 from adapters.model_files import check_model_dir
-from adapters.store import AdapterStore
+from adapters.store import ROUTER_DIR, AdapterStore
 from adapters.validation import BaseModelInfo
 from service import __version__
 from service.adapter_registry import AdapterRegistry
@@ -28,12 +28,16 @@ from service.chat import ChatService
 from service.engine import VLLMEngine, engine_session
 from service.error_handlers import install_error_handlers
 from service.errors import APIError
+from service.general_chat import general_chat_prompts
 from service.knowledge import Knowledge
 from service.launcher import EngineSupervisor, vllm_command, vllm_environment
 from service.limits import RequestLimits
 from service.metrics import Metrics
 from service.middleware import BodySizeLimit, HeaderLimits, RequestContext
+from service.route_learner import RouteLearner
+from service.route_training import FitSettings
 from service.router import Router
+from service.router_store import RouterStore
 from service.routes import router
 from service.settings import Settings, get_settings
 
@@ -117,6 +121,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.adapters = registry
     supervisor: EngineSupervisor | None = None
     background: asyncio.Task[None] | None = None
+    router_follow: asyncio.Task[None] | None = None
     if model_dir is not None:
 
         def engine_restarting() -> None:
@@ -149,14 +154,25 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         knowledge = await asyncio.to_thread(Knowledge.from_settings, settings)
         app.state.knowledge = knowledge
         knowledge.start_warm_up()
+        learner = RouteLearner(
+            knowledge.embedder,
+            await asyncio.to_thread(RouterStore, settings.adapter_store_dir / ROUTER_DIR),
+            general_chat_prompts(),
+            FitSettings(base_recall=settings.router_base_recall),
+        )
+        # The stored classifier serves at once; a refit, if the adapters changed, follows.
+        await learner.load()
         app.state.router = Router(
             knowledge.embedder,
             knowledge.retriever,
             registry,
+            learner,
             top_k=settings.rag_top_k,
-            default_threshold=settings.router_threshold,
             rag_threshold=settings.rag_threshold,
             retry_after_s=settings.retry_after_s,
+        )
+        router_follow = asyncio.create_task(
+            _follow_router(app.state.router, registry, settings.adapter_sync_s)
         )
         app.state.chat = ChatService(
             engine,
@@ -172,7 +188,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         )
         yield
     finally:
-        for task in (background, store_sync):
+        for task in (background, store_sync, router_follow):
             if task is not None:
                 task.cancel()
         if supervisor is not None:
@@ -204,6 +220,19 @@ async def _follow_store(registry: AdapterRegistry, every_s: float) -> None:
             await registry.sync()
         except OSError as exc:  # shared storage hiccups; the next round tries again
             logger.warning("cannot read the adapter store: %s", exc)
+
+
+async def _follow_router(router: Router, registry: AdapterRegistry, every_s: float) -> None:
+    """Keep the classifier in line with the adapters even without traffic, and take the
+    versions other gateways on the same store publish."""
+    while True:
+        try:
+            await router.sync()
+            if router.learner is not None:
+                await router.learner.follow(registry.manifests)
+        except OSError as exc:  # shared storage hiccups; the next round tries again
+            logger.warning("cannot read the router store: %s", exc)
+        await asyncio.sleep(every_s)
 
 
 class _BaseModelFacts:

@@ -74,6 +74,8 @@ def route_of(decision: Decision, passages: Sequence[Passage], reason: str) -> Ro
     return RouteDecision(
         adapter=decision.adapter,
         rag=RagRoute(used=bool(sources), sources=sources),
-        scores=RouteScores(adapters=decision.adapter_scores, retrieval=decision.retrieval_score),
+        scores=RouteScores(
+            adapters=decision.adapter_scores, base=decision.base_score, retrieval=decision.retrieval_score
+        ),
         reason=reason,
     )

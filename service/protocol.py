@@ -218,11 +218,13 @@ class RagRoute(_Wire):
 
 
 class RouteScores(_Wire):
-    """The signals a decision was made from: each adapter's similarity to the query (its best
-    example or description), and the best retrieved passage's (None: nothing was searched)."""
+    """The signals a decision was made from: the router's calibrated probability of each adapter
+    and of the base model (absent: no classifier is fitted), and the best retrieved passage's
+    cosine similarity (None: nothing was searched)."""
 
     keep_null: ClassVar[frozenset[str]] = frozenset({"retrieval"})
     adapters: dict[str, float] = Field(default_factory=dict)
+    base: float | None = None
     retrieval: float | None = None
 
 

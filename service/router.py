@@ -3,10 +3,11 @@ and why.
 
 The query is embedded once; that one vector gives both signals and the retrieval itself:
 
-- domain: each adapter's similarity to the query is its best cosine similarity to one of its
-  example prompts or its description (nearest neighbour, chosen over centroids by
-  ``hybrid-serve router eval``). The best adapter wins only at or above its threshold (fitted,
-  else ``HYBRID_ROUTER_THRESHOLD``); otherwise the base model answers.
+- domain: a classifier fitted on the adapters' prompts, the operator's labelled prompts and
+  general chat (:mod:`service.route_learner`) gives each adapter and ``base`` a calibrated
+  probability. The most probable adapter wins only at or above the abstain threshold fitted
+  for base recall (or the adapter's own threshold); otherwise the base model answers. The
+  classifier is a matrix product on the query vector that retrieval needs anyway.
 - knowledge: the retrieved passages' similarity to the query. With ``rag: auto``, passages at
   or above ``HYBRID_RAG_THRESHOLD`` are added for the base model; for an adapter only those of
   volatile collections (its trained knowledge is stale by definition), unless its manifest
@@ -26,15 +27,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
-import numpy as np
-
 from adapters.manifest import AdapterManifest
-from index.embedder import Embedder, Vectors
+from index.embedder import Embedder
 from index.errors import IndexUnavailable
 from index.retrieval import Passage, Retriever
 from service.context_block import message_text
 from service.errors import InvalidRequestError
 from service.knowledge import IndexUnavailableError
+from service.route_learner import ActiveRoute, RouteLearner
+from service.route_model import BASE, RouteModel
 
 logger = logging.getLogger(__name__)
 
@@ -75,45 +76,8 @@ class Decision:
     adapter_scores: dict[str, float]
     retrieval_score: float | None
     reason: str
-
-
-@dataclass(frozen=True)
-class DomainProfile:
-    """An adapter as the router sees it."""
-
-    name: str
-    vectors: Vectors
-    """One normalised row per example prompt, and one for the description."""
-    threshold: float | None
-    """Fitted or given; None: the default."""
-    allow_retrieval: bool
-
-
-class DomainSignal:
-    """Every adapter's similarity to a query, from one matrix product. Built once per change of
-    the adapters, then only read."""
-
-    def __init__(self, profiles: Sequence[DomainProfile] = ()) -> None:
-        self.profiles = {p.name: p for p in profiles}
-        rows = [p for p in profiles if len(p.vectors)]
-        self._names = [p.name for p in rows]
-        self._matrix = np.vstack([p.vectors for p in rows]) if rows else np.zeros((0, 0), dtype=np.float32)
-        self._owner = np.repeat(np.arange(len(rows)), [len(p.vectors) for p in rows])
-
-    def scores(self, vector: Vectors) -> dict[str, float]:
-        """Best cosine similarity of ``vector`` to each adapter's rows (adapters without
-        examples or description have no score: only a request naming them reaches them)."""
-        if not self._names:
-            return {}
-        best = np.full(len(self._names), -1.0, dtype=np.float32)
-        np.maximum.at(best, self._owner, self._matrix @ vector)
-        return {name: float(score) for name, score in zip(self._names, best, strict=True)}
-
-
-def profile_texts(manifest: AdapterManifest) -> tuple[str, ...]:
-    """What an adapter is recognised by: its example prompts and its description."""
-    description = manifest.description.strip()
-    return (*manifest.examples, *((description,) if description else ()))
+    base_score: float | None = None
+    """The classifier's probability of the base model (None: no classifier was asked)."""
 
 
 def routing_query(messages: Sequence[dict[str, Any]]) -> str:
@@ -133,56 +97,45 @@ class Router:
         embedder: Embedder,
         retriever: Retriever | None,
         adapters: AdapterView | None,
+        learner: RouteLearner | None,
         *,
         top_k: int,
-        default_threshold: float,
         rag_threshold: float,
         retry_after_s: int,
     ) -> None:
         self._embedder = embedder
         self._retriever = retriever
         self._adapters = adapters
+        self.learner = learner
         self._top_k = top_k
-        self.default_threshold = default_threshold
         self.rag_threshold = rag_threshold
         self._retry_after_s = retry_after_s
-        self._signal = DomainSignal()
-        self._built_for = -1
-        self._vectors: dict[tuple[str, ...], Vectors] = {}
-        self._rebuild_lock = asyncio.Lock()
+        self._manifests: dict[str, AdapterManifest] = {}
+        self._seen = -1
+        self._sync_lock = asyncio.Lock()
 
-    # -- the adapters' profiles
+    # -- what the router knows of the adapters
 
-    async def domain_signal(self) -> DomainSignal:
-        """The profiles of the registered adapters, rebuilt when the registry changed (only
-        new example texts are embedded)."""
+    async def sync(self) -> dict[str, AdapterManifest]:
+        """The registered adapters' manifests, re-read when the registry changed; a change also
+        starts a refit of the classifier in the background (requests keep the current one)."""
         if self._adapters is None:
-            return self._signal
-        async with self._rebuild_lock:
+            return self._manifests
+        async with self._sync_lock:
             generation = self._adapters.generation
-            if generation != self._built_for:
+            if generation != self._seen:
                 manifests = await asyncio.to_thread(self._adapters.manifests)
-                self._signal = await asyncio.to_thread(self._build, manifests)
-                self._built_for = generation
-        return self._signal
+                self._manifests = {m.name: m for m in manifests}
+                self._seen = generation
+                if self.learner is not None:
+                    self.learner.schedule(self._adapters.manifests)
+        return self._manifests
 
-    def _build(self, manifests: Sequence[AdapterManifest]) -> DomainSignal:
-        profiles = []
-        for manifest in manifests:
-            texts = profile_texts(manifest)
-            if texts not in self._vectors:
-                self._vectors[texts] = self._embedder.embed(texts)
-            profiles.append(
-                DomainProfile(
-                    manifest.name, self._vectors[texts], manifest.threshold, manifest.allow_retrieval
-                )
-            )
-        wanted = {profile_texts(m) for m in manifests}
-        self._vectors = {texts: v for texts, v in self._vectors.items() if texts in wanted}
-        return DomainSignal(profiles)
-
-    def threshold(self, profile: DomainProfile) -> float:
-        return self.default_threshold if profile.threshold is None else profile.threshold
+    def threshold(self, manifest: AdapterManifest | None, model: RouteModel) -> float:
+        """The probability an adapter needs: its own threshold, else the fitted one."""
+        if manifest is None or manifest.threshold is None:
+            return model.abstain
+        return manifest.threshold
 
     # -- the decision
 
@@ -190,9 +143,9 @@ class Router:
         """``pin`` None: an ``auto`` request. Raises only for what the client asked that cannot
         be (``rag: on`` with a pinned adapter that forbids retrieval; the index failing under
         ``rag: on``)."""
-        signal = await self.domain_signal()
+        manifests = await self.sync()
         if pin is not None and pin.adapter is not None and rag == "on":
-            pinned = signal.profiles.get(pin.adapter)
+            pinned = manifests.get(pin.adapter)
             if pinned is not None and not pinned.allow_retrieval:
                 raise InvalidRequestError(
                     f"The adapter '{pin.adapter}' does not allow retrieval; send rag='auto' or 'off'.",
@@ -203,8 +156,9 @@ class Router:
         if not query.strip():
             return Decision(_pinned(pin), [], {}, None, f"{_pin_reason(pin)}; no user text to route on")
         search = rag != "off" and self._retriever is not None
+        active = self.learner.active if self.learner is not None else None
         try:
-            scores, passages = await asyncio.to_thread(self._measure, signal, query, search)
+            scores, passages = await asyncio.to_thread(self._measure, active, query, search)
         except IndexUnavailable as exc:
             if rag == "on":
                 raise IndexUnavailableError(str(exc), retry_after_s=self._retry_after_s) from None
@@ -214,49 +168,73 @@ class Router:
             return Decision(
                 adapter, [], {}, None, f"router failed (index unavailable: {exc}); {model}, no retrieval"
             )
-        adapter, adapter_reason = self._choose_adapter(signal, scores, pin, rag)
-        chosen, rag_reason = self._choose_passages(signal, adapter, passages, rag)
+        adapter, adapter_reason = self._choose_adapter(manifests, active, scores, pin, rag)
+        chosen, rag_reason = self._choose_passages(manifests, adapter, passages, rag)
         best = max((p.score for p in passages), default=None) if search else None
-        rounded = {name: round(score, 4) for name, score in scores.items()}
+        rounded = {name: round(score, 4) for name, score in scores.items() if name != BASE}
         return Decision(
             adapter,
             chosen,
             rounded,
             None if best is None else round(best, 4),
             f"{adapter_reason}; {rag_reason}",
+            base_score=round(scores[BASE], 4) if BASE in scores else None,
         )
 
     def _measure(
-        self, signal: DomainSignal, query: str, search: bool
+        self, active: ActiveRoute | None, query: str, search: bool
     ) -> tuple[dict[str, float], list[Passage]]:
-        """Blocking: embed once, score the adapters, search the index with the same vector."""
+        """Blocking: embed once, score the classes, search the index with the same vector."""
         vector = self._embedder.embed([query])[0]
-        scores = signal.scores(vector)
+        scores = active.model.scores(vector) if active is not None else {}
         passages = self._retriever.search(vector, query, self._top_k) if search and self._retriever else []
         return scores, passages
 
     def _choose_adapter(
-        self, signal: DomainSignal, scores: dict[str, float], pin: Pin | None, rag: RagMode
+        self,
+        manifests: dict[str, AdapterManifest],
+        active: ActiveRoute | None,
+        scores: dict[str, float],
+        pin: Pin | None,
+        rag: RagMode,
     ) -> tuple[str | None, str]:
         if pin is not None:
             return pin.adapter, _pin_reason(pin)
+        if active is None:
+            fitting = self.learner is not None and self.learner.fitting
+            why = "the router is being fitted" if fitting else "no adapter has example prompts"
+            return None, f"base model: {why}"
         eligible = {
             name: score
             for name, score in scores.items()
-            if (rag != "on" or signal.profiles[name].allow_retrieval)
+            if name in manifests
+            and (rag != "on" or manifests[name].allow_retrieval)
             and (self._adapters is None or self._adapters.is_servable(name))
         }
+        version = f"router v{active.version}" if active.version is not None else "router"
         if not eligible:
-            why = "no adapter has example prompts" if not scores else "no adapter can take it now"
-            return None, f"base model: {why}"
+            return None, f"base model: no adapter can take it now ({version})"
         best = max(eligible, key=eligible.__getitem__)
-        threshold = self.threshold(signal.profiles[best])
+        threshold = self.threshold(manifests.get(best), active.model)
+        base = scores.get(BASE, 0.0)
         if eligible[best] >= threshold:
-            return best, f"adapter '{best}': similarity {eligible[best]:.2f} >= threshold {threshold:.2f}"
-        return None, f"base model: best adapter '{best}' at {eligible[best]:.2f} < threshold {threshold:.2f}"
+            return (
+                best,
+                f"adapter '{best}': probability {eligible[best]:.2f} >= {threshold:.2f} "
+                f"(base {base:.2f}; {version})",
+            )
+        return (
+            None,
+            f"base model: best adapter '{best}' at {eligible[best]:.2f} < {threshold:.2f} "
+            f"(base {base:.2f}; {version})",
+        )
 
     def _choose_passages(
-        self, signal: DomainSignal, adapter: str | None, passages: list[Passage], rag: RagMode
+        self,
+        manifests: dict[str, AdapterManifest],
+        adapter: str | None,
+        passages: list[Passage],
+        rag: RagMode,
     ) -> tuple[list[Passage], str]:
         if rag == "off":
             return [], "rag=off"
@@ -264,8 +242,8 @@ class Router:
             return [], "retrieval is not configured"
         if rag == "on":
             return passages, f"rag=on: {len(passages)} passages" if passages else "rag=on: no passage matched"
-        profile = signal.profiles.get(adapter) if adapter else None
-        if profile is not None and not profile.allow_retrieval:
+        manifest = manifests.get(adapter) if adapter else None
+        if manifest is not None and not manifest.allow_retrieval:
             return [], f"no retrieval: adapter '{adapter}' forbids it"
         if not passages:
             return [], "no retrieval: the index has no passage for it"
@@ -283,22 +261,42 @@ class Router:
             )
         return fresh, f"{len(fresh)} passages from volatile collections >= threshold {self.rag_threshold:.2f}"
 
-    def configuration(self, signal: DomainSignal) -> dict[str, Any]:
-        """What ``GET /admin/router`` shows."""
+    def configuration(self) -> dict[str, Any]:
+        """What ``GET /admin/router`` shows: the classifier in force and each adapter."""
+        active = self.learner.active if self.learner is not None else None
+        classifier: dict[str, Any] | None = None
+        if active is not None:
+            meta = active.meta
+            classifier = {
+                "version": active.version,
+                "created_at": meta.get("created_at"),
+                "classes": list(active.model.classes),
+                "abstain_threshold": active.model.abstain,
+                "temperature": active.model.temperature,
+                "embedder": meta.get("embedder"),
+                "settings": meta.get("settings"),
+                "data": meta.get("data"),
+                "fit_rows": meta.get("fit_rows"),
+                "general_dropped": meta.get("general_dropped"),
+                "validation": meta.get("validation"),
+                "fit_seconds": meta.get("fit_seconds"),
+            }
+        routed = set(active.model.adapters) if active is not None else set()
         return {
-            "default_threshold": self.default_threshold,
+            "classifier": classifier,
+            "fitting": bool(self.learner and self.learner.fitting),
+            "last_error": self.learner.error if self.learner is not None else None,
             "rag_threshold": self.rag_threshold,
             "top_k": self._top_k,
             "adapters": [
                 {
-                    "name": profile.name,
-                    "threshold": self.threshold(profile),
-                    "fitted": profile.threshold is not None,
-                    "vectors": len(profile.vectors),
-                    "allow_retrieval": profile.allow_retrieval,
-                    "servable": self._adapters is None or self._adapters.is_servable(profile.name),
+                    "name": name,
+                    "threshold": manifest.threshold,
+                    "routed": name in routed,
+                    "allow_retrieval": manifest.allow_retrieval,
+                    "servable": self._adapters is None or self._adapters.is_servable(name),
                 }
-                for profile in sorted(signal.profiles.values(), key=lambda p: p.name)
+                for name, manifest in sorted(self._manifests.items())
             ],
         }
 

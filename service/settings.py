@@ -169,13 +169,13 @@ class Settings(BaseSettings):
         "hybrid",
         description="`hybrid`: dense search fused with BM25 by reciprocal rank; `dense`: vectors only.",
     )
-    router_threshold: float = Field(
-        0.45,
-        ge=-1.0,
+    router_base_recall: float = Field(
+        0.95,
+        ge=0.5,
         le=1.0,
-        description="`auto` picks an adapter when the query's similarity to one of its example prompts "
-        "(or its description) reaches this, unless the adapter has a fitted threshold "
-        "(`hybrid-serve router fit`).",
+        description="The router's abstain threshold is fitted so that this share of base-labelled "
+        "prompts (general chat, and base-labelled `router fit` rows, out of fold) stay on the base "
+        "model; lower routes more requests to adapters, and more general ones wrongly.",
     )
     rag_threshold: float = Field(
         0.45,

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -226,3 +227,18 @@ def _stop(
         with contextlib.suppress(psutil.NoSuchProcess):
             orphan.kill()
     return orphans, drained
+
+
+def wait_for_router(admin: httpx.Client, adapters: set[str], timeout_s: float = 180.0) -> dict[str, Any]:
+    """``GET /admin/router`` once the classifier routes (at least) ``adapters`` and no refit is
+    running (the gateway refits in the background after every adapter change)."""
+    deadline = time.monotonic() + timeout_s
+    body: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        body = admin.get("/admin/router").json()
+        classifier = body.get("classifier")
+        routed = set(classifier["classes"]) - {"base"} if classifier else set()
+        if adapters <= routed and not body["fitting"]:
+            return body
+        time.sleep(0.5)
+    raise AssertionError(f"the router did not catch up with {sorted(adapters)}: {body}")

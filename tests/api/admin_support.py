@@ -20,7 +20,7 @@ import pytest
 from fastapi import FastAPI
 
 from adapters.manifest import CONFIG_FILE, WEIGHTS_FILE, AdapterManifest
-from adapters.store import VERSIONS_DIR, AdapterRecord, AdapterStore
+from adapters.store import ROUTER_DIR, VERSIONS_DIR, AdapterRecord, AdapterStore
 from adapters.validation import BaseModelInfo, validate_adapter
 from service.app import build_app
 from service.bundled_model import HF_ID, SERVED_NAME
@@ -177,6 +177,9 @@ async def assert_nothing_registered(client: httpx.AsyncClient, engine: FakeEngin
 
 
 def store_entries(store_dir: Path) -> tuple[list[str], list[str]]:
-    """The names in the store (links, scratch entries) and its versions, ``.versions`` aside."""
-    names = sorted(entry.name for entry in store_dir.iterdir() if entry.name != VERSIONS_DIR)
+    """The names in the store (links, scratch entries) and its versions, ``.versions`` and the
+    router's directory aside."""
+    names = sorted(
+        entry.name for entry in store_dir.iterdir() if entry.name not in (VERSIONS_DIR, ROUTER_DIR)
+    )
     return names, sorted(entry.name for entry in (store_dir / VERSIONS_DIR).iterdir())

@@ -44,6 +44,7 @@ WITH_BODY = [
     "PATCH /admin/adapters/{name}",
     "POST /admin/collections/{name}/documents",
     "POST /admin/router/explain",
+    "POST /admin/router/fit",
 ]
 """Operations with a JSON body: the only inputs a generated request can break (any string is a
 valid path parameter)."""

@@ -56,6 +56,7 @@ ROUTES: dict[tuple[str, str], str] = {
     ("DELETE", "/admin/collections/{name}"): ADMIN,
     ("GET", "/admin/router"): ADMIN,
     ("POST", "/admin/router/explain"): ADMIN,
+    ("POST", "/admin/router/fit"): ADMIN,
 }
 
 

@@ -54,15 +54,25 @@ RATE_QUESTION = "What is the euro to dollar exchange rate today for a wire trans
 EXPLAIN = "/admin/router/explain"
 
 
+async def settle(app: FastAPI) -> None:
+    """Wait until the router's classifier has caught up with the adapters (it is refitted in
+    the background after every change)."""
+    await app.state.router.sync()
+    await app.state.router.learner.settled()
+
+
 @pytest.fixture
-async def adapters(client: httpx.AsyncClient, lora_adapter: Path, other_lora_adapter: Path) -> None:
-    """Two adapters with example prompts: banking and cooking."""
+async def adapters(
+    app: FastAPI, client: httpx.AsyncClient, lora_adapter: Path, other_lora_adapter: Path
+) -> None:
+    """Two adapters with example prompts: banking and cooking; the router fitted on them."""
     for name, adapter, examples, description in (
         ("banking", lora_adapter, BANKING, "Banking: transfers, balances, cards and accounts"),
         ("cooking", other_lora_adapter, COOKING, "Cooking: recipes, ingredients and kitchen techniques"),
     ):
         response = await upload(client, name, adapter, description=description, examples=json.dumps(examples))
         assert response.status_code == 201, response.text
+    await settle(app)
 
 
 @pytest.fixture
@@ -111,9 +121,11 @@ async def test_a_domain_prompt_goes_to_its_adapter(
     assert route["adapter"] == "banking"
     scores = route["scores"]["adapters"]
     assert set(scores) == {"banking", "cooking"}
-    assert scores["banking"] >= 0.45 > scores["cooking"]
-    assert route["reason"].startswith("adapter 'banking': similarity")
-    assert "threshold 0.45" in route["reason"]
+    # Calibrated probabilities: the adapter's reaches the abstain threshold, the other's is nil.
+    assert scores["banking"] >= 0.9 > 0.05 > scores["cooking"]
+    assert 0 <= route["scores"]["base"] < 0.1
+    assert route["reason"].startswith("adapter 'banking': probability")
+    assert "router v1" in route["reason"]
 
     assert (await routed(client, engine, EGG))["adapter"] == "cooking"
 
@@ -124,9 +136,8 @@ async def test_small_talk_goes_to_the_base_model_and_says_why(
     route = await routed(client, engine, SMALL_TALK)
     assert route["adapter"] is None
     assert route["rag"] == {"used": False, "sources": []}
-    assert max(route["scores"]["adapters"].values()) < 0.45
+    assert route["scores"]["base"] > 0.9 > 0.05 > max(route["scores"]["adapters"].values())
     assert route["reason"].startswith("base model: best adapter")
-    assert "< threshold 0.45" in route["reason"]
 
 
 async def test_a_short_follow_up_is_routed_with_the_question_before_it(
@@ -159,12 +170,13 @@ async def test_naming_an_adapter_or_the_base_model_pins_it(
 async def test_a_fitted_threshold_takes_effect_at_once(
     client: httpx.AsyncClient, engine: FakeEngine, adapters: None
 ) -> None:
-    response = await client.patch("/admin/adapters/banking", json={"threshold": 0.95}, headers=AUTH)
+    # An adapter's own threshold is the probability it needs, in place of the fitted one.
+    response = await client.patch("/admin/adapters/banking", json={"threshold": 1.0}, headers=AUTH)
     assert response.status_code == 200, response.text
-    assert response.json()["threshold"] == 0.95
+    assert response.json()["threshold"] == 1.0
     route = await routed(client, engine, TRANSFER)
     assert route["adapter"] is None
-    assert "< threshold 0.95" in route["reason"]
+    assert "< 1.00" in route["reason"]
 
     response = await client.patch("/admin/adapters/banking", json={"threshold": None}, headers=AUTH)
     assert response.status_code == 200, response.text
@@ -192,7 +204,9 @@ async def test_a_route_stream_carries_the_decision_on_its_first_chunk(
 async def test_a_question_only_the_documents_answer_gets_them(
     client: httpx.AsyncClient, engine: FakeEngine, adapters: None, handbook: None
 ) -> None:
-    route = await routed(client, engine, REFUND_QUESTION)
+    # A refund question is banking traffic to the router: pinned to the base model, retrieval
+    # is still decided by the knowledge signal.
+    route = await routed(client, engine, REFUND_QUESTION, model=BASE_ID)
     assert route["adapter"] is None
     assert route["rag"]["used"] is True
     assert sources_of(route) == ["refunds.md"]  # the passwords passage is below the threshold
@@ -292,35 +306,52 @@ async def test_an_index_failure_falls_back_to_the_base_model(
 # ---------------------------------------------------------------------------- admin: show, explain, update
 
 
-async def test_the_router_configuration_lists_every_adapter(
-    client: httpx.AsyncClient, adapters: None
+async def test_the_router_configuration_shows_the_classifier_and_every_adapter(
+    app: FastAPI, client: httpx.AsyncClient, adapters: None
 ) -> None:
     await client.patch("/admin/adapters/cooking", json={"threshold": 0.5}, headers=AUTH)
+    await settle(app)
     response = await client.get("/admin/router", headers=AUTH)
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["object"] == "router"
-    assert body["default_threshold"] == 0.45
     assert body["rag_threshold"] == 0.45
+    assert body["fitting"] is False
+    classifier = body["classifier"]
+    # A threshold is not a routing input: the version fitted for the two adapters stands.
+    assert classifier["version"] == 1
+    assert classifier["classes"] == ["banking", "cooking", "base"]
+    assert classifier["data"]["banking"] == {"example": 3, "description": 1}
+    assert classifier["data"]["base"]["general"] > 300
+    assert 0 < classifier["abstain_threshold"] < 1
+    validation = classifier["validation"]
+    assert validation["folds"] == 5
+    assert validation["base_recall"] >= 0.95
+    assert set(validation) == {
+        "in_domain_accuracy",
+        "base_recall",
+        "macro_f1",
+        "calibration_error",
+        "rows",
+        "folds",
+    }
     by_name = {entry["name"]: entry for entry in body["adapters"]}
     assert by_name["banking"] == {
         "name": "banking",
-        "threshold": 0.45,
-        "fitted": False,
-        "vectors": 4,  # three examples and the description
+        "threshold": None,
+        "routed": True,
         "allow_retrieval": True,
         "servable": True,
     }
     assert by_name["cooking"]["threshold"] == 0.5
-    assert by_name["cooking"]["fitted"] is True
 
 
 async def test_explain_returns_the_route_without_generating(
     client: httpx.AsyncClient, engine: FakeEngine, adapters: None, handbook: None
 ) -> None:
-    chat_route = await routed(client, engine, REFUND_QUESTION)
+    chat_route = await routed(client, engine, REFUND_QUESTION, model=BASE_ID)
     before = len(engine.requests)
-    body = chat_body(messages=[{"role": "user", "content": REFUND_QUESTION}])
+    body = chat_body(messages=[{"role": "user", "content": REFUND_QUESTION}], model=BASE_ID)
     response = await client.post(EXPLAIN, json=body, headers=AUTH)
     assert response.status_code == 200, response.text
     assert response.json() == {"route": chat_route}
@@ -377,15 +408,22 @@ async def test_updating_an_unknown_adapter_is_404(client: httpx.AsyncClient) -> 
     assert_error(response, 404, param="name", code="adapter_not_found")
 
 
-async def test_new_examples_change_the_route(
-    client: httpx.AsyncClient, engine: FakeEngine, adapters: None
+async def test_new_examples_refit_the_router(
+    app: FastAPI, client: httpx.AsyncClient, engine: FakeEngine, adapters: None
 ) -> None:
-    assert (await routed(client, engine, SMALL_TALK))["adapter"] is None
+    question = "Which wine goes well with grilled salmon?"
+    before = await routed(client, engine, question)
     response = await client.patch(
-        "/admin/adapters/cooking", json={"examples": [*COOKING, "Hi! How are you doing?"]}, headers=AUTH
+        "/admin/adapters/cooking",
+        json={"examples": [*COOKING, "What wine should I serve with fish?", "Pair a red wine with steak"]},
+        headers=AUTH,
     )
     assert response.status_code == 200, response.text
-    assert (await routed(client, engine, SMALL_TALK))["adapter"] == "cooking"
+    await settle(app)
+    after = await routed(client, engine, question)
+    assert after["adapter"] == "cooking"
+    assert after["scores"]["adapters"]["cooking"] > before["scores"]["adapters"]["cooking"]
+    assert "router v2" in after["reason"]
 
 
 async def test_routes_are_counted_by_kind_and_adapter(
@@ -393,7 +431,7 @@ async def test_routes_are_counted_by_kind_and_adapter(
 ) -> None:
     await routed(client, engine, TRANSFER)
     await routed(client, engine, TRANSFER)
-    await routed(client, engine, REFUND_QUESTION)
+    await routed(client, engine, REFUND_QUESTION, model=BASE_ID)
     metrics = (await client.get("/metrics")).text
     assert 'hybrid_routes_total{adapter="banking",kind="adapter"} 2.0' in metrics
     assert 'hybrid_routes_total{adapter="",kind="base+rag"} 1.0' in metrics

@@ -1,6 +1,6 @@
 """``model: auto`` end to end: real adapters in the real engine, documents in a real Chroma
 server, the real embedder. A domain prompt goes to its adapter, a question only a document
-answers gets the document, small talk goes to the base model; overrides; thresholds fitted by
+answers gets the document, small talk goes to the base model; overrides; the classifier refitted by
 ``hybrid-serve router fit``; and the index going away falls back to the base model.
 
 The gateway is this test's own (attached to the session's engine), so that its adapters and
@@ -23,7 +23,7 @@ from service.bundled_model import HF_ID
 from tests.api.test_router import BANKING, COOKING, EGG, SMALL_TALK, TRANSFER
 from tests.e2e.conftest import ChromaServer
 from tests.e2e.test_adapters import upload
-from tests.harness import ADMIN_TOKEN, RunningService, running_service
+from tests.harness import ADMIN_TOKEN, RunningService, running_service, wait_for_router
 from tests.openai_schema import assert_conforms
 
 pytestmark = pytest.mark.e2e
@@ -31,6 +31,27 @@ pytestmark = pytest.mark.e2e
 FACT = "The Quillmoor ferry to Ostrel Island leaves at 7:15am and returns at 2:40pm."
 
 FERRY = "When does the Quillmoor ferry to Ostrel Island leave?"
+BANKING_TRAFFIC = [
+    "Send 50 euros to my brother's account",
+    "Why was my debit card declined?",
+    "How much money is in my savings account?",
+    "I lost my bank card, block it please",
+    "Open a new checking account for me",
+]
+COOKING_TRAFFIC = [
+    "How do I make a fluffy omelette?",
+    "What temperature should I roast a chicken at?",
+    "Can I freeze cooked rice?",
+    "Give me a quick pasta sauce recipe",
+    "How do I caramelise onions?",
+]
+BASE_TRAFFIC = [
+    "Good morning! How is your day going?",
+    "Tell me a joke about penguins",
+    "Who wrote Pride and Prejudice?",
+    "Thanks, that's all for now",
+    "What's your favourite colour?",
+]
 
 
 @pytest.fixture
@@ -66,6 +87,7 @@ def gateway(
                 json={"documents": [{"source": "ferries.txt", "text": FACT}]},
             )
             assert ingested.status_code == 200, ingested.text
+            wait_for_router(admin, {"e2e-banking", "e2e-cooking"})
         try:
             yield running
         finally:
@@ -109,6 +131,7 @@ def test_auto_routes_each_request_where_it_belongs(gateway: RunningService) -> N
     small_talk = chat(gateway, SMALL_TALK)
     assert small_talk == {**small_talk, "adapter": None, "rag": {"used": False, "sources": []}}
     assert small_talk["reason"].startswith("base model: best adapter")
+    assert small_talk["scores"]["base"] > 0.5
 
 
 def test_overrides_pin_the_adapter_and_force_retrieval(gateway: RunningService) -> None:
@@ -142,11 +165,14 @@ def test_explain_and_fit_drive_the_router(gateway: RunningService, tmp_path: Pat
         assert explained.status_code == 200, explained.text
         assert explained.json()["route"]["adapter"] == "e2e-banking"
 
-    # Labelled data that says money questions are the base model's business, cooking ones not.
+    # Labelled traffic: more banking and cooking prompts, and small talk for the base model.
     data = tmp_path / "labels.jsonl"
-    rows = [{"text": text, "label": "base"} for text in (TRANSFER, *BANKING, SMALL_TALK)]
-    rows += [{"text": text, "label": "e2e-cooking"} for text in (EGG, *COOKING)]
+    rows = [{"text": text, "label": "e2e-banking"} for text in BANKING_TRAFFIC]
+    rows += [{"text": text, "label": "e2e-cooking"} for text in COOKING_TRAFFIC]
+    rows += [{"text": text, "label": "base"} for text in BASE_TRAFFIC]
     data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with gateway.admin() as admin:
+        before = admin.get("/admin/router").json()["classifier"]["version"]
     env = {**os.environ, "HYBRID_GATEWAY_URL": gateway.url, "HYBRID_ADMIN_TOKEN": ADMIN_TOKEN}
     fitted = subprocess.run(
         [sys.executable, "-m", "service", "router", "fit", str(data)],
@@ -156,15 +182,19 @@ def test_explain_and_fit_drive_the_router(gateway: RunningService, tmp_path: Pat
         timeout=300,
     )
     assert fitted.returncode == 0, fitted.stderr
-    assert "e2e-banking: threshold" in fitted.stdout
+    assert f"stored as version {before + 1}" in fitted.stdout
+    assert "out of fold (5 folds)" in fitted.stdout
 
     with gateway.admin() as admin:
-        configuration = {entry["name"]: entry for entry in admin.get("/admin/router").json()["adapters"]}
-    assert configuration["e2e-banking"]["fitted"] is True
-    assert configuration["e2e-banking"]["threshold"] > 0.9  # above every banking score it saw
-    # In force at once, no restart: the transfer now goes to the base model.
-    assert chat(gateway, TRANSFER)["adapter"] is None
+        classifier = admin.get("/admin/router").json()["classifier"]
+    # In force at once, no restart, and stored with the prompts it learnt from.
+    assert classifier["version"] == before + 1
+    assert classifier["fit_rows"] == len(rows)
+    assert classifier["data"]["e2e-banking"]["fit"] == len(BANKING_TRAFFIC)
+    assert classifier["data"]["base"]["fit"] == len(BASE_TRAFFIC)
+    assert chat(gateway, TRANSFER)["adapter"] == "e2e-banking"
     assert chat(gateway, EGG)["adapter"] == "e2e-cooking"
+    assert chat(gateway, "Good night, talk to you tomorrow!")["adapter"] is None
 
 
 def test_the_index_going_away_falls_back_to_the_base_model(

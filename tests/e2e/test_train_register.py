@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import ADMIN_TOKEN, RunningService
+from tests.harness import ADMIN_TOKEN, RunningService, wait_for_router
 from tests.training_factory import INTENTS, banking_pairs, write_jsonl
 
 pytestmark = pytest.mark.e2e
@@ -53,8 +53,13 @@ def test_a_trained_adapter_is_registered_served_and_routed(service: RunningServi
     )
     assert base.choices[0].message.content not in INTENTS
 
-    # Routable: its examples were taken from the training data.
+    # Routable: its examples and training prompts were taken from the training data, and the
+    # router's classifier learns its class from them.
     with service.admin() as admin:
+        router = wait_for_router(admin, {NAME})
+        learnt = router["classifier"]["data"][NAME]
+        assert learnt["example"] == 20
+        assert learnt["training"] >= 20
         explained = admin.post(
             "/admin/router/explain",
             json={
