@@ -22,7 +22,8 @@ def blob(centre: int, count: int, seed: int, spread: float = 0.15) -> Vectors:
     rng = np.random.default_rng(seed)
     x = rng.normal(0, spread, (count, 16)).astype(np.float32)
     x[:, centre] += 1.0
-    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    normalised: Vectors = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    return normalised
 
 
 def dataset(seed: int = 0) -> tuple[list[LabelledText], Vectors]:
