@@ -107,8 +107,12 @@ class RouteLearner:
     async def load(self) -> None:
         """Take the store's current version as it is (on start: no fit)."""
         stored = await asyncio.to_thread(self._read_current)
-        if stored is not None:
+        if stored is None:
+            return
+        try:
             self._active = _active(stored)
+        except ValueError as exc:  # not a version this code wrote: the next refresh refits
+            logger.error("stored router version %d unreadable, refitting: %s", stored.version, exc)
 
     def schedule(self, manifests: Manifests) -> None:
         """Bring the classifier in line with the adapters in the background; calls made while a
