@@ -162,7 +162,6 @@ async def measure(
 ) -> dict[str, list[float]]:
     signals: dict[str, ActiveRoute] = {}
     for setup in setups:
-        assert setup.router.learner is not None
         # The classifier over the adapters' examples and general chat, as the gateway fits it.
         fitted = await setup.router.learner.refresh(setup.router_adapters.manifests)
         assert fitted is not None

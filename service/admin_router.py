@@ -76,11 +76,8 @@ async def fit_router(request: Request) -> dict[str, Any]:
                 param=f"examples[{i}].label",
                 code="unknown_label",
             )
-    learner = routing.learner
-    if learner is None:
-        raise InvalidRequestError("This gateway has no router to fit.", param=None, code="router_unavailable")
     try:
-        active = await learner.fit(
+        active = await routing.learner.fit(
             lambda: list(manifests.values()),
             [(row.text, row.label) for row in body.examples],
             dry_run=body.dry_run,

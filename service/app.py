@@ -228,8 +228,7 @@ async def _follow_router(router: Router, registry: AdapterRegistry, every_s: flo
     while True:
         try:
             await router.sync()
-            if router.learner is not None:
-                await router.learner.follow(registry.manifests)
+            await router.learner.follow(registry.manifests)
         except OSError as exc:  # shared storage hiccups; the next round tries again
             logger.warning("cannot read the router store: %s", exc)
         await asyncio.sleep(every_s)

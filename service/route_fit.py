@@ -1,4 +1,5 @@
-"""Fitting the router's per-adapter thresholds from labelled examples, and scoring decisions.
+"""Fitting per-adapter similarity thresholds from labelled examples (the previous router's way,
+kept for the evaluation's baseline, :mod:`service.similarity_router`), and scoring decisions.
 
 A threshold only matters for the queries its adapter wins (it is the best-scoring one): above
 it they go to the adapter, below it to the base model. So each adapter's threshold is fitted on

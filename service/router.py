@@ -97,7 +97,7 @@ class Router:
         embedder: Embedder,
         retriever: Retriever | None,
         adapters: AdapterView | None,
-        learner: RouteLearner | None,
+        learner: RouteLearner,
         *,
         top_k: int,
         rag_threshold: float,
@@ -127,8 +127,7 @@ class Router:
                 manifests = await asyncio.to_thread(self._adapters.manifests)
                 self._manifests = {m.name: m for m in manifests}
                 self._seen = generation
-                if self.learner is not None:
-                    self.learner.schedule(self._adapters.manifests)
+                self.learner.schedule(self._adapters.manifests)
         return self._manifests
 
     def threshold(self, manifest: AdapterManifest | None, model: RouteModel) -> float:
@@ -156,7 +155,7 @@ class Router:
         if not query.strip():
             return Decision(_pinned(pin), [], {}, None, f"{_pin_reason(pin)}; no user text to route on")
         search = rag != "off" and self._retriever is not None
-        active = self.learner.active if self.learner is not None else None
+        active = self.learner.active
         try:
             scores, passages = await asyncio.to_thread(self._measure, active, query, search)
         except IndexUnavailable as exc:
@@ -201,8 +200,7 @@ class Router:
         if pin is not None:
             return pin.adapter, _pin_reason(pin)
         if active is None:
-            fitting = self.learner is not None and self.learner.fitting
-            why = "the router is being fitted" if fitting else "no adapter has example prompts"
+            why = "the router is being fitted" if self.learner.fitting else "no adapter has example prompts"
             return None, f"base model: {why}"
         eligible = {
             name: score
@@ -263,7 +261,7 @@ class Router:
 
     def configuration(self) -> dict[str, Any]:
         """What ``GET /admin/router`` shows: the classifier in force and each adapter."""
-        active = self.learner.active if self.learner is not None else None
+        active = self.learner.active
         classifier: dict[str, Any] | None = None
         if active is not None:
             meta = active.meta
@@ -284,8 +282,8 @@ class Router:
         routed = set(active.model.adapters) if active is not None else set()
         return {
             "classifier": classifier,
-            "fitting": bool(self.learner and self.learner.fitting),
-            "last_error": self.learner.error if self.learner is not None else None,
+            "fitting": self.learner.fitting,
+            "last_error": self.learner.error,
             "rag_threshold": self.rag_threshold,
             "top_k": self._top_k,
             "adapters": [

@@ -59,7 +59,7 @@ PROMPTS_PER_INTENT = 10
 SAMPLE_SEED = 0
 OOS = "oos"
 DEFAULT_THRESHOLD = 0.45
-"""The threshold router's default when the settings no longer carry one."""
+"""The threshold router's default threshold (what ``HYBRID_ROUTER_THRESHOLD`` defaulted to)."""
 TARGETS = {
     "out_of_the_box": {"in_domain_accuracy": 0.90, "base_recall": 0.90},
     "fitted": {"in_domain_accuracy": 0.97, "base_recall": 0.90},
