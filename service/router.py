@@ -200,7 +200,10 @@ class Router:
         if pin is not None:
             return pin.adapter, _pin_reason(pin)
         if active is None:
-            why = "the router is being fitted" if self.learner.fitting else "no adapter has example prompts"
+            # A refresh also runs when there is nothing to fit (no adapter): only say "fitted"
+            # when an adapter has prompts for it to fit on.
+            fitting = self.learner.fitting and any(_routable(m) for m in manifests.values())
+            why = "the router is being fitted" if fitting else "no adapter has example prompts"
             return None, f"base model: {why}"
         eligible = {
             name: score
@@ -307,3 +310,7 @@ def _pin_reason(pin: Pin | None) -> str:
     if pin is None:
         return "base model"
     return f"model names adapter '{pin.adapter}'" if pin.adapter else "model names the base model"
+
+
+def _routable(manifest: AdapterManifest) -> bool:
+    return bool(manifest.examples or manifest.description.strip() or manifest.training_prompts)

@@ -140,6 +140,27 @@ async def test_small_talk_goes_to_the_base_model_and_says_why(
     assert route["reason"].startswith("base model: best adapter")
 
 
+async def test_before_the_first_fit_the_reason_says_whether_one_is_coming(
+    app: FastAPI, client: httpx.AsyncClient, engine: FakeEngine, lora_adapter: Path
+) -> None:
+    learner = app.state.router.learner
+    # Holding the learner's lock keeps every refresh in flight, so what each request is told
+    # does not depend on how fast the background fit is.
+    async with learner._lock:
+        await app.state.router.sync()  # the start's refresh, with no adapter at all
+        assert learner.fitting
+        route = await routed(client, engine, TRANSFER)
+        assert route["reason"].startswith("base model: no adapter has example prompts")
+
+        response = await upload(client, "banking", lora_adapter, examples=json.dumps(BANKING))
+        assert response.status_code == 201, response.text
+        route = await routed(client, engine, TRANSFER)
+        assert route["adapter"] is None
+        assert route["reason"].startswith("base model: the router is being fitted")
+    await settle(app)
+    assert (await routed(client, engine, TRANSFER))["adapter"] == "banking"
+
+
 async def test_a_short_follow_up_is_routed_with_the_question_before_it(
     client: httpx.AsyncClient, engine: FakeEngine, adapters: None
 ) -> None:
