@@ -66,10 +66,14 @@ class Citations:
         self._sources = sources
         self._question = question
         self._streamed: dict[int, list[str]] = {}
+        self._calling: set[int] = set()  # choices that call tools: no citation for them
 
     def attach(self, completion: ChatCompletion) -> ChatCompletion:
         choices = []
         for choice in completion.choices:
+            if choice.message.tool_calls:  # a turn that calls tools is not an answer to cite
+                choices.append(choice)
+                continue
             content = choice.message.content or ""
             suffix = citation_suffix(content, self._sources, self._question)
             if suffix:
@@ -85,7 +89,9 @@ class Citations:
             text = self._streamed.setdefault(choice.index, [])
             if choice.delta.content:
                 text.append(choice.delta.content)
-            if choice.finish_reason is not None:
+            if choice.delta.tool_calls:
+                self._calling.add(choice.index)
+            if choice.finish_reason is not None and choice.index not in self._calling:
                 suffix = citation_suffix("".join(text), self._sources, self._question)
                 if suffix:
                     delta = choice.delta.model_copy(update={"content": (choice.delta.content or "") + suffix})

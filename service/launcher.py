@@ -27,6 +27,8 @@ from service.settings import Settings
 logger = logging.getLogger(__name__)
 
 _STOP_GRACE_S = 15.0
+# ChatML with tools in the Hermes format (vLLM's "hermes" parser reads the calls back).
+BUNDLED_CHAT_TEMPLATE = Path(__file__).parent / "data" / "chatml_tools.jinja"
 _MAX_BACKOFF_S = 30.0
 
 
@@ -70,6 +72,13 @@ def vllm_command(settings: Settings, model_dir: Path, served_name: str) -> list[
     ]
     if settings.max_model_len is not None:
         command += ["--max-model-len", str(settings.max_model_len)]
+    if settings.model_dir is None:  # the bundled model: its own template knows no tools
+        command += ["--chat-template", str(BUNDLED_CHAT_TEMPLATE)]
+    if settings.tool_call_parser:
+        command += ["--enable-auto-tool-choice", "--tool-call-parser", settings.tool_call_parser]
+        command += ["--tool-strict-level", settings.tool_strict_level]
+    if settings.reasoning_parser:
+        command += ["--reasoning-parser", settings.reasoning_parser]
     if settings.engine_api_key is not None:
         command += ["--api-key", settings.engine_api_key.get_secret_value()]
     return command + list(settings.engine_extra_args)

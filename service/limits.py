@@ -5,7 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from service.errors import InvalidRequestError
-from service.protocol import ChatCompletionRequest, UserMessage
+from service.protocol import (
+    AssistantMessage,
+    ChatCompletionRequest,
+    NamedToolChoice,
+    ToolMessage,
+    UserMessage,
+)
 from service.settings import Settings
 
 MAX_STOP_CHARS = 256
@@ -55,6 +61,36 @@ class RequestLimits:
             _fail("stop", f"each stop sequence must be 1 to {MAX_STOP_CHARS} characters")
         if request.stream_options is not None and not request.stream:
             _fail("stream_options", "stream_options is only allowed when stream is true")
+        check_tools(request)
+
+
+def check_tools(request: ChatCompletionRequest) -> None:
+    """What OpenAI refuses of tools: a choice or parallelism without tools, a named choice
+    that is not among them, a function defined twice, a tool result that answers no call."""
+    names = [tool.function.name for tool in request.tools or ()]
+    if not names:
+        for param in ("tool_choice", "parallel_tool_calls"):
+            if getattr(request, param) is not None:
+                _fail(param, f"{param} is only allowed when 'tools' are specified")
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        _fail("tools", f"each function must be defined once; defined more than once: {', '.join(duplicates)}")
+    choice = request.tool_choice
+    if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+        _fail(
+            "tool_choice", f"tool_choice names the function '{choice.function.name}', which is not in tools"
+        )
+    calls: set[str] = set()
+    for index, message in enumerate(request.messages):
+        if isinstance(message, AssistantMessage):
+            calls = {call.id for call in message.tool_calls or ()}
+        elif not isinstance(message, ToolMessage):
+            calls = set()
+        elif message.tool_call_id not in calls:
+            _fail(
+                f"messages[{index}].tool_call_id",
+                "a message with role 'tool' must answer a tool call of the assistant message before it",
+            )
 
 
 def _fail(param: str, message: str) -> None:

@@ -17,7 +17,7 @@ M = TypeVar("M", bound=BaseModel)
 # Segments pydantic adds to an error location to say which union member failed: a
 # discriminator tag (a role, a format type) or a member type ("str", "list[TextPart]").
 _UNION_LABEL = re.compile(r"^(str|int|float|bool|\w+\[.*\])$")
-_ROLE_TAGS = frozenset({"system", "developer", "user", "assistant"})
+_ROLE_TAGS = frozenset({"system", "developer", "user", "assistant", "tool"})
 _FORMAT_TAGS = frozenset({"text", "json_object", "json_schema"})
 
 

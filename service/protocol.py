@@ -18,6 +18,7 @@ from pydantic import (
     SerializationInfo,
     SerializerFunctionWrapHandler,
     model_serializer,
+    model_validator,
 )
 
 # ---------------------------------------------------------------------------- requests
@@ -53,17 +54,69 @@ class UserMessage(_Request):
     name: str | None = None
 
 
+_NAME = r"^[A-Za-z0-9_-]{1,64}$"
+FunctionName = Annotated[str, Field(pattern=_NAME)]
+
+
+class FunctionCallParam(_Request):
+    name: FunctionName
+    arguments: str  # JSON text, as the model wrote it (OpenAI never parses it either)
+
+
+class ToolCallParam(_Request):
+    """A call the assistant made earlier in the conversation."""
+
+    id: Annotated[str, Field(min_length=1, max_length=256)]
+    type: Literal["function"]
+    function: FunctionCallParam
+
+
 class AssistantMessage(_Request):
     role: Literal["assistant"]
     content: Content | None = None
     name: str | None = None
     refusal: str | None = None
+    tool_calls: Annotated[list[ToolCallParam], Field(min_length=1)] | None = None
+
+
+class ToolMessage(_Request):
+    """A tool's result, answering the assistant's call ``tool_call_id``."""
+
+    role: Literal["tool"]
+    content: Content
+    tool_call_id: Annotated[str, Field(min_length=1, max_length=256)]
 
 
 Message = Annotated[
-    SystemMessage | DeveloperMessage | UserMessage | AssistantMessage,
+    SystemMessage | DeveloperMessage | UserMessage | AssistantMessage | ToolMessage,
     Field(discriminator="role"),
 ]
+
+
+class FunctionDefinition(_Request):
+    name: FunctionName
+    description: str | None = None
+    # A JSON Schema object; vLLM compiles it into the grammar that constrains forced calls.
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class FunctionTool(_Request):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Request):
+    name: FunctionName
+
+
+class NamedToolChoice(_Request):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
+ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh"]
 
 
 class StreamOptions(_Request):
@@ -115,6 +168,12 @@ class ChatCompletionRequest(_Request):
     logprobs: bool | None = None
     top_logprobs: Annotated[int, Field(ge=0, lt=_INT64)] | None = None
     response_format: ResponseFormat | None = None
+    tools: Annotated[list[FunctionTool], Field(min_length=1, max_length=128)] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    # Passed to the engine; a model without reasoning (or an engine without a reasoning
+    # parser) ignores it, as OpenAI's non-reasoning models do.
+    reasoning_effort: ReasoningEffort | None = None
     user: Annotated[str, Field(max_length=256)] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -170,13 +229,38 @@ class ChoiceLogprobs(_Wire):
     refusal: list[TokenLogprob] | None = None
 
 
+class PromptTokensDetails(_Wire):
+    cached_tokens: int | None = None
+    audio_tokens: int | None = None
+
+
+class CompletionTokensDetails(_Wire):
+    reasoning_tokens: int | None = None
+    audio_tokens: int | None = None
+    accepted_prediction_tokens: int | None = None
+    rejected_prediction_tokens: int | None = None
+
+
 class Usage(_Wire):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    prompt_tokens_details: PromptTokensDetails | None = None
+    completion_tokens_details: CompletionTokensDetails | None = None
 
 
 FinishReason = Literal["stop", "length", "tool_calls", "content_filter", "function_call"]
+
+
+class FunctionCall(_Wire):
+    name: str
+    arguments: str
+
+
+class ToolCall(_Wire):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
 
 
 class ResponseMessage(_Wire):
@@ -184,6 +268,22 @@ class ResponseMessage(_Wire):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
     refusal: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    # The model's reasoning, where the engine separates it (vLLM with a reasoning parser):
+    # ``reasoning`` is vLLM's name, ``reasoning_content`` the one most clients read.
+    reasoning: str | None = None
+    reasoning_content: str | None = None
+
+    @model_validator(mode="after")
+    def _openai_shape(self) -> ResponseMessage:
+        """No empty tool-call list; content null beside tool calls when the model wrote none
+        (vLLM sends ""); the reasoning under both names."""
+        if self.tool_calls is not None and not self.tool_calls:
+            self.tool_calls = None
+        elif self.tool_calls and not self.content:
+            self.content = None
+        self.reasoning = self.reasoning_content = self.reasoning or self.reasoning_content
+        return self
 
 
 class Choice(_Wire):
@@ -261,10 +361,33 @@ class ChatCompletion(_Wire):
     route: RouteDecision | None = None  # hybrid-serve extension
 
 
+class FunctionCallDelta(_Wire):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallDelta(_Wire):
+    """A piece of a streamed call: the first carries ``id``, ``type`` and the name; the
+    arguments follow in pieces, all under the call's ``index``."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionCallDelta | None = None
+
+
 class Delta(_Wire):
     role: Literal["assistant"] | None = None
     content: str | None = None
     refusal: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
+    reasoning: str | None = None
+    reasoning_content: str | None = None
+
+    @model_validator(mode="after")
+    def _both_reasoning_names(self) -> Delta:
+        self.reasoning = self.reasoning_content = self.reasoning or self.reasoning_content
+        return self
 
 
 class ChunkChoice(_Wire):

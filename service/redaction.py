@@ -31,7 +31,15 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 
-from service.protocol import ChatCompletion, ChatCompletionChunk, ChunkChoice, Delta
+from service.protocol import (
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChunkChoice,
+    Delta,
+    FunctionCallDelta,
+    ResponseMessage,
+    ToolCallDelta,
+)
 
 REDACTED = "[redacted]"
 MIN_TOKEN = 8
@@ -141,15 +149,29 @@ class SecretRedactor:
         total = 0
         choices = []
         for choice in completion.choices:
-            content = choice.message.content
-            if content:
-                redacted, count = self.redact(content)
-                if count:
-                    total += count
-                    message = choice.message.model_copy(update={"content": redacted})
-                    choice = choice.model_copy(update={"message": message, "logprobs": None})
+            message, count = self._message(choice.message)
+            if count:
+                total += count
+                choice = choice.model_copy(update={"message": message, "logprobs": None})
             choices.append(choice)
         return completion.model_copy(update={"choices": choices}), total
+
+    def _message(self, message: ResponseMessage) -> tuple[ResponseMessage, int]:
+        """The message's text and its tool calls' arguments redacted (a secret inside a JSON
+        string stays a valid string: the marker has no quote)."""
+        update: dict[str, object] = {}
+        total = 0
+        if message.content:
+            update["content"], total = self.redact(message.content)
+        if message.tool_calls:
+            calls = []
+            for call in message.tool_calls:
+                arguments, count = self.redact(call.function.arguments)
+                total += count
+                function = call.function.model_copy(update={"arguments": arguments})
+                calls.append(call.model_copy(update={"function": function}))
+            update["tool_calls"] = calls
+        return (message.model_copy(update=update), total) if total else (message, 0)
 
 
 def _prefixes(secret: str) -> str:
@@ -189,6 +211,8 @@ class StreamRedactor:
     def __init__(self, redactor: SecretRedactor) -> None:
         self._redactor = redactor
         self._held: dict[int, str] = {}
+        # Tool-call arguments stream in pieces too: held per (choice, call).
+        self._held_arguments: dict[tuple[int, int], str] = {}
         self._last: ChatCompletionChunk | None = None
 
     def follow(self, chunk: ChatCompletionChunk) -> tuple[ChatCompletionChunk, int]:
@@ -206,22 +230,57 @@ class StreamRedactor:
                 sent, held, count = self._redactor.release(pending)
                 if held:
                     self._held[choice.index] = held
-            total += count
             content = sent if sent or choice.delta.content is not None else None
-            delta = choice.delta.model_copy(update={"content": content})
+            calls, arguments_count = self._follow_calls(choice)
+            total += count + arguments_count
+            delta = choice.delta.model_copy(update={"content": content, "tool_calls": calls})
             choices.append(choice.model_copy(update={"delta": delta, "logprobs": None}))
         return chunk.model_copy(update={"choices": choices}), total
+
+    def _follow_calls(self, choice: ChunkChoice) -> tuple[list[ToolCallDelta] | None, int]:
+        """The choice's tool-call pieces with what may be sent of their arguments; on its last
+        chunk, every call's held arguments are sent too."""
+        total = 0
+        calls = []
+        for call in choice.delta.tool_calls or ():
+            key = (choice.index, call.index)
+            piece = call.function.arguments if call.function is not None else None
+            pending = self._held_arguments.pop(key, "") + (piece or "")
+            sent, held, count = self._redactor.release(pending)
+            if held:
+                self._held_arguments[key] = held
+            total += count
+            if call.function is not None:
+                arguments = sent if sent or piece is not None else None
+                call = call.model_copy(
+                    update={"function": call.function.model_copy(update={"arguments": arguments})}
+                )
+            calls.append(call)
+        if choice.finish_reason is not None:
+            for key in sorted(k for k in self._held_arguments if k[0] == choice.index):
+                sent, count = self._redactor.redact(self._held_arguments.pop(key))
+                total += count
+                calls.append(ToolCallDelta(index=key[1], function=FunctionCallDelta(arguments=sent)))
+        return (calls or choice.delta.tool_calls), total
 
     def drain(self) -> tuple[ChatCompletionChunk | None, int]:
         """A last chunk with the text still held (a stream that ended without finishing a
         choice), or None."""
-        if not self._held or self._last is None:
+        if not (self._held or self._held_arguments) or self._last is None:
             return None, 0
         total = 0
-        choices = []
+        deltas: dict[int, Delta] = {}
         for index, pending in sorted(self._held.items()):
             sent, count = self._redactor.redact(pending)
             total += count
-            choices.append(ChunkChoice(index=index, delta=Delta(content=sent)))
+            deltas[index] = Delta(content=sent)
+        for (index, call), pending in sorted(self._held_arguments.items()):
+            sent, count = self._redactor.redact(pending)
+            total += count
+            delta = deltas.setdefault(index, Delta())
+            piece = ToolCallDelta(index=call, function=FunctionCallDelta(arguments=sent))
+            delta.tool_calls = [*(delta.tool_calls or ()), piece]
+        choices = [ChunkChoice(index=index, delta=delta) for index, delta in sorted(deltas.items())]
         self._held.clear()
+        self._held_arguments.clear()
         return self._last.model_copy(update={"choices": choices, "usage": None, "route": None}), total

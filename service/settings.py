@@ -85,6 +85,19 @@ class Settings(BaseSettings):
     engine_extra_args: list[str] = Field(
         default_factory=list, description="More arguments for the local vLLM server (JSON list)."
     )
+    tool_call_parser: str | None = Field(
+        "hermes",
+        description="vLLM's tool-call parser for the local engine's model (--tool-call-parser; "
+        "'hermes' reads the bundled model's template). Empty: tool_choice 'auto' is refused by the engine.",
+    )
+    tool_strict_level: Literal["auto", "function", "parameter"] = Field(
+        "parameter",
+        description="--tool-strict-level: 'parameter' constrains every call's arguments to its "
+        "schema, as if each tool were strict (a small model writes invalid calls otherwise).",
+    )
+    reasoning_parser: str | None = Field(
+        None, description="vLLM's reasoning parser for the local engine's model (--reasoning-parser)."
+    )
     engine_start_timeout_s: float = Field(600.0, gt=0, description="Wait this long for readiness.")
     engine_connect_timeout_s: float = Field(
         15.0,

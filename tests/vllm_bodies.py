@@ -177,3 +177,35 @@ def prompt_tokens(messages: Sequence[Any]) -> int:
         elif isinstance(content, list):
             characters += sum(len(str(part.get("text", ""))) for part in content if isinstance(part, dict))
     return characters // 4 + 4 * len(messages)
+
+
+def tool_call(name: str, arguments: str, *, call_id: str = "chatcmpl-tool-0001") -> dict[str, Any]:
+    return {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+def tool_call_completion(*calls: dict[str, Any], finish_reason: str = "tool_calls") -> dict[str, Any]:
+    """A completion that calls tools, as vLLM's tool parser sends it: ``content`` is ""."""
+    body = completion("", finish_reason=finish_reason)
+    body["choices"][0]["message"]["tool_calls"] = list(calls)
+    return body
+
+
+def tool_call_chunks(
+    name: str, *argument_pieces: str, call_id: str = "chatcmpl-tool-0001"
+) -> list[dict[str, Any]]:
+    """A streamed call as vLLM sends it: the role, the call's id and name, its arguments in
+    pieces (content null beside them), the finish chunk, the usage."""
+
+    def piece(call: dict[str, Any]) -> dict[str, Any]:
+        event = chunk()
+        event["choices"][0]["delta"] = {"content": None, "tool_calls": [{"index": 0, **call}]}
+        return event
+
+    events = [
+        chunk("", role="assistant"),
+        piece({"id": call_id, "type": "function", "function": {"name": name}}),
+    ]
+    events += [piece({"function": {"arguments": arguments}}) for arguments in argument_pieces]
+    events.append(chunk(finish_reason="tool_calls"))
+    events.append(usage_chunk(completion_tokens=len(argument_pieces)))
+    return events

@@ -431,3 +431,26 @@ def test_vllm_environment_with_the_resolver(clean_env: pytest.MonkeyPatch, tmp_p
     # The engine finds each adapter version by its id in the store's versions directory.
     assert env["VLLM_PLUGINS"] == "lora_filesystem_resolver"
     assert env["VLLM_LORA_RESOLVER_CACHE_DIR"] == str(tmp_path / "adapters" / VERSIONS_DIR)
+
+
+def test_the_bundled_model_is_served_with_tools(clean_env: pytest.MonkeyPatch) -> None:
+    command = vllm_command(Settings(), Path("/m"), "m")
+    template = Path(_value(command, "--chat-template"))
+    assert template.name == "chatml_tools.jinja"
+    assert template.is_file()
+    assert "--enable-auto-tool-choice" in command
+    assert _value(command, "--tool-call-parser") == "hermes"
+    # A small model's forced calls are valid only with their arguments constrained too.
+    assert _value(command, "--tool-strict-level") == "parameter"
+    assert "--reasoning-parser" not in command
+
+
+def test_a_model_of_ones_own_keeps_its_template_and_may_turn_tools_off(
+    clean_env: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    settings = Settings(model_dir=tmp_path, tool_call_parser="", reasoning_parser="deepseek_r1")
+    command = vllm_command(settings, tmp_path, "m")
+    assert "--chat-template" not in command
+    assert "--enable-auto-tool-choice" not in command
+    assert "--tool-call-parser" not in command
+    assert _value(command, "--reasoning-parser") == "deepseek_r1"
