@@ -25,6 +25,8 @@ from service.admission import Admission, AdmissionControl
 from service.bundled_model import HF_ID, SERVED_NAME, ensure_bundled_model
 from service.catalog import ModelCatalog
 from service.chat import ChatService
+from service.completions import CompletionService
+from service.embeddings_api import EmbeddingService
 from service.engine import VLLMEngine, engine_session
 from service.error_handlers import install_error_handlers
 from service.errors import APIError
@@ -39,6 +41,7 @@ from service.route_training import FitSettings
 from service.router import Router
 from service.router_store import RouterStore
 from service.routes import router
+from service.routes_openai import router as openai_router
 from service.settings import Settings, get_settings
 
 logger = logging.getLogger(__name__)
@@ -64,6 +67,7 @@ def build_app(settings: Settings | None = None) -> FastAPI:
     app.state.admission = Admission(settings.max_concurrent_requests, retry_after_s=settings.retry_after_s)
     metrics.watch(app.state.admission)
     app.include_router(router)
+    app.include_router(openai_router)
     if settings.admin_token is not None:
         app.include_router(admin_router)
         app.include_router(collections_router)
@@ -153,6 +157,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         # starting meanwhile.
         knowledge = await asyncio.to_thread(Knowledge.from_settings, settings)
         app.state.knowledge = knowledge
+        app.state.embeddings = EmbeddingService(knowledge.embedder, metrics)
         knowledge.start_warm_up()
         learner = RouteLearner(
             knowledge.embedder,
@@ -185,6 +190,9 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
             answer_tokens=settings.rag_answer_tokens,
             screen_instructions=settings.rag_screen_instructions,
             redact_secrets=settings.redact_system_secrets,
+        )
+        app.state.completions = CompletionService(
+            engine, catalog, RequestLimits.from_settings(settings), metrics, registry
         )
         yield
     finally:

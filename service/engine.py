@@ -223,6 +223,32 @@ class VLLMEngine:
             return EngineUnavailableError(message, retry_after_s=self._retry_after_s)
         return UpstreamError(f"The model engine failed (HTTP {status}): {message}")
 
+    async def text_completion(self, payload: dict[str, Any]) -> bytes | EngineStream:
+        """Legacy text completions (``/v1/completions``, see ``service.completions``): the plain
+        answer's body, or with ``stream`` the opened stream; failures mapped as for chat."""
+        if not payload.get("stream"):
+            status, body = await self._request("POST", "/v1/completions", payload=payload)
+            if status != 200:
+                raise self._status_error(status, body)
+            return body
+        try:
+            response = await self._send("POST", "/v1/completions", json=payload)
+        except aiohttp.ConnectionTimeoutError as exc:
+            raise self._unavailable(exc) from exc
+        except TimeoutError as exc:
+            raise _timeout(exc) from exc
+        except aiohttp.ClientError as exc:
+            raise self._unavailable(exc) from exc
+        if response.status != 200:
+            try:
+                body = await response.read()
+            except (aiohttp.ClientError, TimeoutError):
+                body = b""
+            finally:
+                response.close()
+            raise self._status_error(response.status, body)
+        return _VLLMStream(response, self._retry_after_s)
+
 
 class _VLLMStream:
     def __init__(self, response: aiohttp.ClientResponse, retry_after_s: int) -> None:

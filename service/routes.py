@@ -14,11 +14,11 @@ from service.admission import Admission
 from service.auth import require_api_key
 from service.catalog import ModelCatalog
 from service.chat import ChatService, ChatStream
-from service.errors import APIError, EngineUnavailableError
+from service.errors import APIError, EngineUnavailableError, NotFoundError
 from service.metrics import Metrics
 from service.openapi import inline_schema, json_body
 from service.parsing import parse_json_body
-from service.protocol import ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ModelList
+from service.protocol import ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ModelCard, ModelList
 from service.settings import Settings
 
 router = APIRouter()
@@ -87,6 +87,17 @@ async def list_models(request: Request, catalog: CatalogDep) -> Response:
     adapters: AdapterRegistry = request.app.state.adapters
     models = await catalog.list(adapters.servable())
     return Response(models.model_dump_json(), media_type=_JSON)
+
+
+@router.get("/v1/models/{model}", response_model=ModelCard, dependencies=[Depends(require_api_key)])
+async def retrieve_model(model: str, request: Request, catalog: CatalogDep) -> Response:
+    """One card of ``GET /v1/models``, the same one (``auto`` included); 404 for any other id."""
+    adapters: AdapterRegistry = request.app.state.adapters
+    models = await catalog.list(adapters.servable())
+    card = next((card for card in models.data if card.id == model), None)
+    if card is None:
+        raise NotFoundError(f"The model '{model}' does not exist.", param="model", code="model_not_found")
+    return Response(card.model_dump_json(), media_type=_JSON)
 
 
 # HEAD is the same operation: left out of the schema, where it would repeat GET's operation id.
