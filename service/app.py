@@ -43,6 +43,7 @@ from service.router_store import RouterStore
 from service.routes import router
 from service.routes_openai import router as openai_router
 from service.settings import Settings, get_settings
+from service.tracing import Tracing
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +94,7 @@ def build_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(
         HeaderLimits, max_bytes=settings.max_header_bytes, max_headers=settings.max_headers, metrics=metrics
     )
-    app.add_middleware(RequestContext, metrics=metrics, routes=routes)
+    app.add_middleware(RequestContext, metrics=metrics, routes=routes, tracing=Tracing.from_environment())
     return app
 
 

@@ -29,8 +29,10 @@ from collections.abc import AsyncIterator
 from typing import Any, Protocol, TypeVar
 
 import aiohttp
+from opentelemetry import trace
 from pydantic import ValidationError
 
+from service import request_context
 from service.errors import (
     APIError,
     EngineTimeoutError,
@@ -139,9 +141,10 @@ class VLLMEngine:
         return True
 
     async def chat(self, payload: dict[str, Any]) -> ChatCompletion:
-        status, body = await self._request("POST", _CHAT, payload=payload)
-        if status != 200:
-            raise self._status_error(status, body)
+        with request_context.span("engine.chat", kind=trace.SpanKind.CLIENT, attributes=_span_facts(payload)):
+            status, body = await self._request("POST", _CHAT, payload=payload)
+            if status != 200:
+                raise self._status_error(status, body)
         return _parse(ChatCompletion, body)
 
     async def count_prompt_tokens(self, model: str, messages: list[dict[str, Any]]) -> PromptSize:
@@ -154,6 +157,18 @@ class VLLMEngine:
         return _parse(PromptSize, body)
 
     async def open_chat_stream(self, payload: dict[str, Any]) -> EngineStream:
+        # The span lasts to the stream's end; the traceparent vLLM gets is this span's.
+        span = request_context.start_span(
+            "engine.chat", kind=trace.SpanKind.CLIENT, attributes=_span_facts(payload, stream=True)
+        )
+        try:
+            with request_context.activate(span):
+                return await self._open_chat_stream(payload, span)
+        except BaseException:
+            span.end()
+            raise
+
+    async def _open_chat_stream(self, payload: dict[str, Any], span: trace.Span) -> EngineStream:
         try:
             response = await self._send("POST", _CHAT, json=payload)
         except aiohttp.ConnectionTimeoutError as exc:
@@ -170,7 +185,7 @@ class VLLMEngine:
             finally:
                 response.close()
             raise self._status_error(response.status, body)
-        return _VLLMStream(response, self._retry_after_s)
+        return _VLLMStream(response, self._retry_after_s, span)
 
     async def _request(
         self,
@@ -193,7 +208,10 @@ class VLLMEngine:
 
     async def _send(self, method: str, path: str, **options: Any) -> aiohttp.ClientResponse:
         """The engine's response (headers read), the request sent a second time if its first
-        connection could not be opened."""
+        connection could not be opened. Both carry the request's id and trace context."""
+        headers = request_context.upstream_headers()
+        if headers:
+            options["headers"] = headers
         try:
             return await self._session.request(method, self._base_url + path, **options)
         except _CONNECT_FAILURES as exc:
@@ -247,15 +265,36 @@ class VLLMEngine:
             finally:
                 response.close()
             raise self._status_error(response.status, body)
-        return _VLLMStream(response, self._retry_after_s)
+        return _VLLMStream(response, self._retry_after_s, trace.INVALID_SPAN)
 
 
 class _VLLMStream:
-    def __init__(self, response: aiohttp.ClientResponse, retry_after_s: int) -> None:
+    def __init__(self, response: aiohttp.ClientResponse, retry_after_s: int, span: trace.Span) -> None:
         self._response = response
         self._retry_after_s = retry_after_s
+        self._span: trace.Span | None = span if span.is_recording() else None
 
-    async def data(self) -> AsyncIterator[str]:
+    def data(self) -> AsyncIterator[str]:
+        return self._payloads() if self._span is None else self._traced(self._payloads())
+
+    async def _traced(self, payloads: AsyncIterator[str]) -> AsyncIterator[str]:
+        try:
+            async for payload in payloads:
+                yield payload
+        except APIError as exc:
+            self._end_span(exc)
+            raise
+        self._end_span(None)
+
+    def _end_span(self, error: APIError | None) -> None:
+        if self._span is not None:
+            if error is not None:
+                self._span.record_exception(error)
+                self._span.set_status(trace.StatusCode.ERROR, error.message)
+            self._span.end()
+            self._span = None
+
+    async def _payloads(self) -> AsyncIterator[str]:
         try:
             async for line in _lines(self._response.content):
                 if not line.startswith(b"data:"):
@@ -278,6 +317,7 @@ class _VLLMStream:
     async def aclose(self) -> None:
         # Closing the connection (not returning it to the pool) is what makes vLLM abort.
         self._response.close()
+        self._end_span(None)
 
 
 async def _lines(content: aiohttp.StreamReader) -> AsyncIterator[bytes]:
@@ -290,6 +330,14 @@ async def _lines(content: aiohttp.StreamReader) -> AsyncIterator[bytes]:
             yield line.rstrip(b"\r")
     if pending:
         yield pending
+
+
+def _span_facts(payload: dict[str, Any], *, stream: bool = False) -> dict[str, str | bool]:
+    return {
+        "gen_ai.operation.name": "chat",
+        "gen_ai.request.model": str(payload.get("model")),
+        "hybrid.stream": stream,
+    }
 
 
 def _timeout(exc: BaseException) -> EngineTimeoutError:

@@ -13,6 +13,14 @@ if TYPE_CHECKING:
     from service.admission import Admission
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+# A first token on CPU: tens of ms for a short prompt on an idle engine, seconds behind a queue
+# or a long retrieved context (the soak measured p50 0.29 s, p95 0.83 s).
+_FIRST_TOKEN_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 10, 30, 60)
+# Between two chunks: one decode step (ms to tens of ms on CPU), longer when a batch grows.
+_INTER_TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1, 2.5)
+# The router and the index: milliseconds (decide p50 11 ms, p99 14 ms; the index query p50 5 ms,
+# p99 9 ms at 10,000 chunks), up to tens of ms under load.
+_ROUTE_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 
 
 class Metrics:
@@ -63,6 +71,33 @@ class Metrics:
             "Secrets of a request's system prompt redacted from its answers.",
             registry=self.registry,
         )
+        self.first_token = Histogram(
+            "hybrid_time_to_first_token_seconds",
+            "Streams: from the request's arrival to its first chunk with content, by model and "
+            "adapter ('' for the base model).",
+            ["model", "adapter"],
+            buckets=_FIRST_TOKEN_BUCKETS,
+            registry=self.registry,
+        )
+        self.inter_token = Histogram(
+            "hybrid_inter_token_seconds",
+            "Streams: time between two consecutive chunks with content, by model and adapter.",
+            ["model", "adapter"],
+            buckets=_INTER_TOKEN_BUCKETS,
+            registry=self.registry,
+        )
+        self.route_seconds = Histogram(
+            "hybrid_route_seconds",
+            "The router's decision, the query's embedding and the index query included.",
+            buckets=_ROUTE_BUCKETS,
+            registry=self.registry,
+        )
+        self.retrieval_seconds = Histogram(
+            "hybrid_retrieval_seconds",
+            "The index query of a routed request (dense and lexical search, fusion).",
+            buckets=_ROUTE_BUCKETS,
+            registry=self.registry,
+        )
         self.in_flight = Gauge(
             "hybrid_chat_completions_in_flight",
             "Chat completions admitted and not yet answered to the end (HYBRID_MAX_CONCURRENT_REQUESTS "
@@ -94,6 +129,18 @@ class Metrics:
 
     def count_redactions(self, count: int) -> None:
         self.secrets_redacted.inc(count)
+
+    def observe_first_token(self, model: str, adapter: str | None, seconds: float) -> None:
+        self.first_token.labels(model, adapter or "").observe(seconds)
+
+    def observe_inter_token(self, model: str, adapter: str | None, seconds: float) -> None:
+        self.inter_token.labels(model, adapter or "").observe(seconds)
+
+    def observe_route(self, seconds: float) -> None:
+        self.route_seconds.observe(seconds)
+
+    def observe_retrieval(self, seconds: float) -> None:
+        self.retrieval_seconds.observe(seconds)
 
     def count_error(self, error_type: str, code: str | None) -> None:
         self.errors.labels(error_type, code or "").inc()

@@ -3,13 +3,17 @@ streaming and disconnect detection)."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
 
+from opentelemetry import trace
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service import request_context
 from service.errors import APIError, HeadersTooLargeError, PayloadTooLargeError
 from service.metrics import Metrics
+from service.tracing import Tracing, server_span
 
 
 class BodySizeLimit:
@@ -84,29 +88,36 @@ REQUEST_ID = "request_id"
 
 
 class RequestContext:
-    """Gives every response an ``X-Request-Id`` (the client's, if it sent a sane one) and
-    counts requests and their latency by route."""
+    """Gives every request an id (the client's ``X-Request-Id`` if it is a sane token), returned
+    as ``X-Request-Id`` on every response, bound with the client's trace context for the code
+    that serves the request (:mod:`service.request_context`: log lines, the engine's headers,
+    spans); traces the request when tracing is on; counts requests and their latency by route."""
 
-    def __init__(self, app: ASGIApp, metrics: Metrics, routes: frozenset[str]) -> None:
+    def __init__(
+        self, app: ASGIApp, metrics: Metrics, routes: frozenset[str], tracing: Tracing | None = None
+    ) -> None:
         self.app = app
         self.metrics = metrics
         self.routes = routes
+        self.tracer = tracing.tracer if tracing is not None else None
+        # Built after logging is configured (the CLI configures it first): the id reaches its
+        # handlers' lines.
+        request_context.install_request_ids()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        given = _header(scope, b"x-request-id")
-        request_id = (
-            given
-            if given and len(given) <= 128 and given.isascii() and given.isprintable()
-            else uuid.uuid4().hex
-        )
+        started = time.perf_counter()
+        request_id = request_context.accepted_request_id(_header(scope, b"x-request-id")) or uuid.uuid4().hex
         scope.setdefault("state", {})[REQUEST_ID] = request_id
+        client_trace = request_context.valid_trace_headers(
+            _header(scope, b"traceparent"), _header(scope, b"tracestate")
+        )
         path = scope["path"]
         route = path if path in self.routes else "other"
+        method = scope["method"]
         status = 500
-        started = time.perf_counter()
 
         async def tagged_send(message: Message) -> None:
             nonlocal status
@@ -115,11 +126,39 @@ class RequestContext:
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
             await send(message)
 
+        token = request_context.bind(
+            request_context.RequestScope(request_id, started, self.metrics, self.tracer, client_trace)
+        )
         try:
-            await self.app(scope, receive, tagged_send)
+            with self._span(scope, route, client_trace) as span:
+                await self.app(scope, receive, tagged_send)
+                if span.is_recording():
+                    span.set_attribute("http.response.status_code", status)
+                    if status >= 500:
+                        span.set_status(trace.StatusCode.ERROR)
         finally:
             self.metrics.latency.labels(route).observe(time.perf_counter() - started)
-            self.metrics.requests.labels(route, scope["method"], str(status)).inc()
+            self.metrics.requests.labels(route, method, str(status)).inc()
+        # Not in the finally: Starlette logs an unexpected error outside this middleware, in the
+        # same task, and that line needs the id too (the task ends with the request).
+        request_context.unbind(token)
+
+    def _span(
+        self, scope: Scope, route: str, client_trace: dict[str, str]
+    ) -> contextlib.AbstractContextManager[trace.Span]:
+        if self.tracer is None:
+            return contextlib.nullcontext(trace.INVALID_SPAN)
+        method = scope["method"]
+        attributes: dict[str, str] = {
+            "http.request.method": method,
+            "url.path": scope["path"],
+            "hybrid.request_id": scope["state"][REQUEST_ID],
+        }
+        if route != "other":
+            attributes["http.route"] = route
+        # Span names stay few: an unknown path is named by its method alone.
+        name = f"{method} {route}" if route != "other" else method
+        return server_span(self.tracer, name, client_trace, attributes)
 
 
 def _header(scope: Scope, name: bytes) -> str | None:

@@ -23,14 +23,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 from adapters.manifest import AdapterManifest
-from index.embedder import Embedder
+from index.embedder import Embedder, Vectors
 from index.errors import IndexUnavailable
 from index.retrieval import Passage, Retriever
+from service import request_context
 from service.context_block import message_text
 from service.errors import InvalidRequestError
 from service.knowledge import IndexUnavailableError
@@ -141,7 +143,23 @@ class Router:
     async def decide(self, messages: Sequence[dict[str, Any]], *, pin: Pin | None, rag: RagMode) -> Decision:
         """``pin`` None: an ``auto`` request. Raises only for what the client asked that cannot
         be (``rag: on`` with a pinned adapter that forbids retrieval; the index failing under
-        ``rag: on``)."""
+        ``rag: on``).
+
+        Within a request, the whole decision is timed (``hybrid_route_seconds``) and traced (a
+        ``route`` span with what was decided)."""
+        started = time.perf_counter()
+        with request_context.span("route", attributes={"hybrid.rag_mode": rag}) as span:
+            try:
+                decision = await self._decide(messages, pin=pin, rag=rag)
+            finally:
+                metrics = request_context.metrics()
+                if metrics is not None:
+                    metrics.observe_route(time.perf_counter() - started)
+            if span.is_recording():
+                span.set_attributes(_span_facts(decision))
+        return decision
+
+    async def _decide(self, messages: Sequence[dict[str, Any]], *, pin: Pin | None, rag: RagMode) -> Decision:
         manifests = await self.sync()
         if pin is not None and pin.adapter is not None and rag == "on":
             pinned = manifests.get(pin.adapter)
@@ -186,8 +204,22 @@ class Router:
         """Blocking: embed once, score the classes, search the index with the same vector."""
         vector = self._embedder.embed([query])[0]
         scores = active.model.scores(vector) if active is not None else {}
-        passages = self._retriever.search(vector, query, self._top_k) if search and self._retriever else []
+        passages = self._search(vector, query) if search and self._retriever else []
         return scores, passages
+
+    def _search(self, vector: Vectors, query: str) -> list[Passage]:
+        """Blocking: the index query, timed (``hybrid_retrieval_seconds``) and traced."""
+        assert self._retriever is not None
+        started = time.perf_counter()
+        with request_context.span("retrieve", attributes={"hybrid.top_k": self._top_k}) as span:
+            try:
+                passages = self._retriever.search(vector, query, self._top_k)
+            finally:
+                metrics = request_context.metrics()
+                if metrics is not None:
+                    metrics.observe_retrieval(time.perf_counter() - started)
+            span.set_attribute("hybrid.passages", len(passages))
+        return passages
 
     def _choose_adapter(
         self,
@@ -300,6 +332,23 @@ class Router:
                 for name, manifest in sorted(self._manifests.items())
             ],
         }
+
+
+def _span_facts(decision: Decision) -> dict[str, str | bool | int | float]:
+    """The ``route`` span's attributes: what was decided and the scores it was decided on."""
+    facts: dict[str, str | bool | int | float] = {
+        "hybrid.route.adapter": decision.adapter or "",
+        "hybrid.route.rag": bool(decision.passages),
+        "hybrid.route.passages": len(decision.passages),
+        "hybrid.route.reason": decision.reason,
+    }
+    if decision.retrieval_score is not None:
+        facts["hybrid.route.retrieval_score"] = decision.retrieval_score
+    if decision.base_score is not None:
+        facts["hybrid.route.base_score"] = decision.base_score
+    for name, score in decision.adapter_scores.items():
+        facts[f"hybrid.route.score.{name}"] = score
+    return facts
 
 
 def _pinned(pin: Pin | None) -> str | None:
