@@ -42,6 +42,7 @@ from service.router import Router
 from service.router_store import RouterStore
 from service.routes import router
 from service.routes_openai import router as openai_router
+from service.routes_responses import router as responses_router
 from service.settings import Settings, get_settings
 from service.tracing import Tracing
 
@@ -69,6 +70,7 @@ def build_app(settings: Settings | None = None) -> FastAPI:
     metrics.watch(app.state.admission)
     app.include_router(router)
     app.include_router(openai_router)
+    app.include_router(responses_router)
     if settings.admin_token is not None:
         app.include_router(admin_router)
         app.include_router(collections_router)
