@@ -26,6 +26,7 @@ from service.metrics import Metrics
 from service.protocol import ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, RouteDecision
 from service.redaction import SecretRedactor, StreamRedactor
 from service.router import Decision, Pin, Router
+from service.stream_timing import StreamTimer, has_content
 
 logger = logging.getLogger(__name__)
 
@@ -202,6 +203,7 @@ class ChatStream:
         self.route = route
         self._citations = citations
         self._redactor = redactor
+        self._timer = StreamTimer(metrics, model, route.adapter)
 
     async def events(self) -> AsyncIterator[str]:
         first = True
@@ -236,6 +238,7 @@ class ChatStream:
 
     def _finish(self, chunk: ChatCompletionChunk, first: bool) -> str:
         """The chunk's JSON, with the route on the first and the client's model name on all."""
+        self._timer.chunk(has_content(chunk))
         if first:
             chunk = chunk.model_copy(update={"route": self.route, "model": self._model})
         elif chunk.model != self._model:  # an adapter the engine knows by its version's id

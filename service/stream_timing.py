@@ -23,7 +23,10 @@ from service.protocol import ChatCompletionChunk
 
 
 def has_content(chunk: ChatCompletionChunk) -> bool:
-    return any(choice.delta.content for choice in chunk.choices)
+    """Whether the chunk carries generated tokens: text, reasoning, or a tool call's pieces."""
+    return any(
+        choice.delta.content or choice.delta.reasoning or choice.delta.tool_calls for choice in chunk.choices
+    )
 
 
 class StreamTimer:

@@ -36,17 +36,12 @@ REFUND_TOOL = {
     },
 }
 QUESTION = {"role": "user", "content": "What is the weather in Paris?"}
-CALL = {
-    "role": "assistant",
-    "content": None,
-    "tool_calls": [
-        {
-            "id": "call_1",
-            "type": "function",
-            "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
-        }
-    ],
+WEATHER_CALL: dict[str, Any] = {
+    "id": "call_1",
+    "type": "function",
+    "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
 }
+CALL: dict[str, Any] = {"role": "assistant", "content": None, "tool_calls": [WEATHER_CALL]}
 RESULT = {"role": "tool", "tool_call_id": "call_1", "content": "18 degrees and sunny"}
 CANARY = "CANARY-5d1e7a9b3c0f"
 SYSTEM = {
@@ -172,7 +167,7 @@ async def test_a_streamed_call_arrives_in_pieces_under_its_index(
             {
                 "messages": [
                     QUESTION,
-                    {**CALL, "tool_calls": [{**CALL["tool_calls"][0], "function": {"name": "f"}}]},
+                    {**CALL, "tool_calls": [{**WEATHER_CALL, "function": {"name": "f"}}]},
                 ]
             },
             "messages[1].tool_calls[0].function.arguments",
@@ -255,7 +250,7 @@ async def test_the_answer_after_a_tool_result_is_routed_on_the_users_question(
     engine.enqueue_completion("Refunds take fourteen days [1].")
     call = {
         **CALL,
-        "tool_calls": [{**CALL["tool_calls"][0], "function": {"name": "refund_status", "arguments": "{}"}}],
+        "tool_calls": [{**WEATHER_CALL, "function": {"name": "refund_status", "arguments": "{}"}}],
     }
     messages = [REFUND_QUESTION, call, {**RESULT, "content": "pending"}]
     response = await client.post(CHAT, json=chat_body(messages=messages, tools=[REFUND_TOOL], rag="on"))

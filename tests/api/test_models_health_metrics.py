@@ -204,7 +204,6 @@ async def test_metrics_list_the_stream_latency_histograms(client: httpx.AsyncCli
     assert {"hybrid_time_to_first_token_seconds", "hybrid_inter_token_seconds"} <= families
 
 
-@pytest.mark.xfail(strict=True, reason="ChatStream does not call StreamTimer yet (service/stream_timing.py)")
 async def test_metrics_time_a_streams_first_token_and_the_gaps_between_tokens(
     client: httpx.AsyncClient, engine: FakeEngine
 ) -> None:
