@@ -18,8 +18,14 @@ from service.middleware import send_error
 PROBES = frozenset({"/health", "/ready", "/metrics"})
 """Answered while draining too: /ready says 503 itself, /health that the process lives."""
 
-GENERATION = frozenset({"/v1/chat/completions"})
-"""The routes that hold an engine slot, and so count against the concurrency cap."""
+GENERATION = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/embeddings"})
+"""The routes that count against the concurrency cap: chat completions, completions and responses
+hold an engine generation each (a response is a chat completion underneath). Embeddings hold no
+engine slot, but they are the gateway's own CPU work: each request runs the embedder (the one the
+router's queries share) in a worker thread over up to 2,048 inputs, so an uncapped flood of them
+would queue without bound in the thread pool and slow every chat request's routing; capped, the
+excess gets the same quick 429 to back off on. One cap for all of them, so that
+``HYBRID_MAX_CONCURRENT_REQUESTS`` bounds the gateway's whole generation work."""
 
 OVER_CAPACITY_RETRY_AFTER_S = 1
 """A slot frees as soon as any generation ends: clients should come back soon, not in
@@ -35,8 +41,9 @@ class TooManyRequestsError(APIError):
 
     def __init__(self, limit: int) -> None:
         super().__init__(
-            f"The gateway is serving its maximum of {limit} concurrent chat completions "
-            "(HYBRID_MAX_CONCURRENT_REQUESTS); retry shortly.",
+            f"The gateway is serving its maximum of {limit} concurrent generation requests "
+            "(chat completions, completions, responses, embeddings; "
+            "HYBRID_MAX_CONCURRENT_REQUESTS); retry shortly.",
             code="rate_limit_exceeded",
             headers={"Retry-After": str(OVER_CAPACITY_RETRY_AFTER_S)},
         )

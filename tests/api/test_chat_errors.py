@@ -91,7 +91,7 @@ _BAD_BODIES: list[tuple[str, dict[str, Any], str | None]] = [
         "messages[1].content",
     ),
     ("messages not a list", {"messages": "hi"}, "messages"),
-    ("tools", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ("functions (deprecated function calling)", {"functions": [{"name": "f"}]}, "functions"),
     ("tool_choice", {"tool_choice": "auto"}, "tool_choice"),
     ("chat_template_kwargs", {"chat_template_kwargs": {"enable_thinking": True}}, "chat_template_kwargs"),
     ("guided_json (a vLLM extra)", {"guided_json": {"type": "object"}}, "guided_json"),
@@ -160,8 +160,8 @@ async def test_missing_messages_is_400(client: httpx.AsyncClient, engine: FakeEn
 
 @pytest.mark.parametrize(
     "message",
-    [{"role": "tool", "content": "x"}, {"role": "function", "content": "x"}, {"content": "no role"}],
-    ids=["tool", "function", "missing"],
+    [{"role": "ipython", "content": "x"}, {"role": "function", "content": "x"}, {"content": "no role"}],
+    ids=["ipython", "function", "missing"],
 )
 async def test_unknown_or_missing_role_is_400(
     client: httpx.AsyncClient, engine: FakeEngine, message: dict[str, Any]
@@ -177,9 +177,9 @@ async def test_unknown_or_missing_role_is_400(
 
 
 async def test_unknown_field_is_named_in_the_message(client: httpx.AsyncClient, engine: FakeEngine) -> None:
-    response = await client.post(CHAT, json=chat_body(tools=[]))
-    error = assert_error(response, 400, param="tools")
-    assert error["message"] == "Unrecognized request argument supplied: tools"
+    response = await client.post(CHAT, json=chat_body(logit_bias={}))
+    error = assert_error(response, 400, param="logit_bias")
+    assert error["message"] == "Unrecognized request argument supplied: logit_bias"
     assert engine.requests == []
 
 

@@ -5,8 +5,8 @@ every 4xx is OpenAI's envelope.
 Bounded for CI: a fixed number of examples per operation and mode, derandomized (the same
 requests every run; a failure replays), no example database. The schema is read over ASGI; the
 cases are sent over ASGI by httpx, in the one event loop that runs the app and the fake engine
-(which answers every chat request it gets), rather than by schemathesis's own client, which runs
-apps in a thread of its own.
+(which answers every chat and completion request it gets), rather than by schemathesis's own
+client, which runs apps in a thread of its own.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from typing import Any
 import httpx
 import pytest
 import schemathesis
+from aiohttp import web
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from schemathesis import Case as SchemathesisCase
@@ -30,16 +31,21 @@ from schemathesis.core.transport import Response
 
 from service.app import build_app
 from tests.api.conftest import GATEWAY_URL, assert_envelope, make_settings
-from tests.fakes import FakeEngine, JSONReply, Reply, StreamReply
+from tests.api.test_completions import stream_events, text_completion
+from tests.fakes import FakeEngine, JSONReply, RecordedRequest, Reply, StreamReply
 from tests.vllm_bodies import completion, stream_chunks
 
 Case = SchemathesisCase[Any]
+COMPLETIONS_PATH = "/v1/completions"
 ADMIN_TOKEN = "fuzz-admin-token"
 EXAMPLES = 50
 """Per operation and generation mode (at most: an operation without input has few distinct ones)."""
 
 WITH_BODY = [
     "POST /v1/chat/completions",
+    "POST /v1/completions",
+    "POST /v1/embeddings",
+    "POST /v1/responses",
     "POST /admin/adapters",
     "PATCH /admin/adapters/{name}",
     "POST /admin/collections/{name}/documents",
@@ -50,6 +56,7 @@ WITH_BODY = [
 valid path parameter)."""
 WITHOUT_BODY = [
     "GET /v1/models",
+    "GET /v1/models/{model}",
     "GET /health",
     "GET /ready",
     "GET /metrics",
@@ -62,27 +69,73 @@ WITHOUT_BODY = [
     "GET /admin/router",
 ]
 NO_PATH: dict[str, str] = {}
+EMBEDDER = "the-embedder"
+"""A ``model`` the fuzzed bodies are given: the gateway's embedder, whose name is known once the
+app runs."""
 CASES = [
-    pytest.param(label, GenerationMode.POSITIVE, NO_PATH, id=f"{label} valid")
+    pytest.param(label, GenerationMode.POSITIVE, NO_PATH, None, id=f"{label} valid")
     for label in WITH_BODY + WITHOUT_BODY
 ]
-CASES += [pytest.param(label, GenerationMode.NEGATIVE, NO_PATH, id=f"{label} invalid") for label in WITH_BODY]
+CASES += [
+    pytest.param(label, GenerationMode.NEGATIVE, NO_PATH, None, id=f"{label} invalid") for label in WITH_BODY
+]
 # Random collection names are nearly all invalid: with a valid one, documents get ingested.
 CASES.append(
     pytest.param(
         "POST /admin/collections/{name}/documents",
         GenerationMode.POSITIVE,
         {"name": "fuzz-notes"},
+        None,
         id="POST /admin/collections/fuzz-notes/documents valid",
     )
 )
+# Random model names are nearly all 404s: with a served one, the request gets past the lookup
+# (for embeddings, to the embedder itself; for the others, to the engine).
+CASES += [
+    pytest.param(
+        "GET /v1/models/{model}", GenerationMode.POSITIVE, {"model": "auto"}, None, id="GET /v1/models/auto"
+    ),
+    *[
+        pytest.param(
+            label,
+            mode,
+            NO_PATH,
+            model,
+            id=f"{label} {'valid' if mode is GenerationMode.POSITIVE else 'invalid'} model={model}",
+        )
+        for label, model in [
+            ("POST /v1/embeddings", EMBEDDER),
+            ("POST /v1/completions", "auto"),
+            ("POST /v1/responses", "auto"),
+        ]
+        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE)
+    ],
+]
 
 
 def engine_answer(body: dict[str, Any]) -> Reply:
-    """What vLLM would answer a request the gateway let through."""
+    """What vLLM would answer a chat request the gateway let through."""
     if body.get("stream"):
         return StreamReply(stream_chunks("Hello", " there"))
     return JSONReply(completion())
+
+
+def completion_answer(body: dict[str, Any]) -> Reply:
+    """What vLLM would answer a legacy completion request the gateway let through."""
+    if body.get("stream"):
+        return StreamReply(stream_events("Hello", " there"))
+    return JSONReply(text_completion())
+
+
+class FuzzEngine(FakeEngine):
+    """The fake vLLM answering every chat request and every ``/v1/completions`` request."""
+
+    async def _serve(self, request: web.Request) -> web.StreamResponse:
+        if request.method != "POST" or request.path != COMPLETIONS_PATH:
+            return await super()._serve(request)
+        body = json.loads(await request.read())
+        self.requests.append(RecordedRequest(request.method, request.path, body, request.headers))
+        return await self._reply(request, completion_answer(body))
 
 
 class Gateway:
@@ -92,7 +145,7 @@ class Gateway:
     def __init__(self, runner: asyncio.Runner, data_dir: Path) -> None:
         self.runner = runner
         self.data_dir = data_dir
-        self.engine = FakeEngine(default_reply=engine_answer)
+        self.engine = FuzzEngine(default_reply=engine_answer)
         self._stack = contextlib.AsyncExitStack()
         self.client: httpx.AsyncClient
 
@@ -127,6 +180,14 @@ class Gateway:
         if cookies:
             self.client.cookies.update(cookies)
         return await self.client.request(**kwargs)
+
+
+def _with_model(case: Case, model: str) -> Case:
+    """``case`` with ``model`` in its body, where the body is an object (a negative case may
+    have broken the body itself, which stays as it is)."""
+    if isinstance(case.body, dict):
+        case.body = {**case.body, "model": model}
+    return case
 
 
 def _auth(case: Case) -> dict[str, str]:
@@ -188,12 +249,21 @@ def test_every_operation_is_fuzzed(schema: Any) -> None:
     )
 
 
-@pytest.mark.parametrize(("label", "mode", "path_parameters"), CASES)
+@pytest.mark.parametrize(("label", "mode", "path_parameters", "model"), CASES)
 def test_no_input_gets_a_5xx_or_a_bare_error(
-    gateway: Gateway, schema: Any, label: str, mode: GenerationMode, path_parameters: dict[str, str]
+    gateway: Gateway,
+    schema: Any,
+    label: str,
+    mode: GenerationMode,
+    path_parameters: dict[str, str],
+    model: str | None,
 ) -> None:
     method, path = label.split(" ", 1)
     operation = schema[path][method]
+    strategy = operation.as_strategy(generation_mode=mode, path_parameters=path_parameters or None)
+    if model is not None:
+        name = gateway.app.state.knowledge.embedder.name if model == EMBEDDER else model
+        strategy = strategy.map(lambda case: _with_model(case, name))
 
     # too_slow: a chat example calls the router's embedder and the fake engine over a socket;
     # filter_too_much: negative generation of a schema with few fields rejects many drafts.
@@ -204,7 +274,7 @@ def test_no_input_gets_a_5xx_or_a_bare_error(
         deadline=None,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
     )
-    @given(case=operation.as_strategy(generation_mode=mode, path_parameters=path_parameters or None))
+    @given(case=strategy)
     def check(case: Case) -> None:
         response = gateway.send(case)
         case.validate_response(response, checks=[not_a_server_error, openai_envelope])

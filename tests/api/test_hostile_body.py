@@ -177,8 +177,19 @@ BAD_FIELDS: list[tuple[str, dict[str, Any], str]] = [
     ("messages null", {"messages": None}, "messages"),
     *[
         (f"role {name}", {"messages": [{"role": role, "content": "x"}]}, "messages[0]")
-        for name, role in [("tool", "tool"), ("function", "function"), ("empty", ""), ("SYSTEM", "SYSTEM")]
+        for name, role in [
+            ("ipython", "ipython"),
+            ("function", "function"),
+            ("empty", ""),
+            ("SYSTEM", "SYSTEM"),
+        ]
     ],
+    # a known role, but a tool result must say which call it answers
+    (
+        "role tool without tool_call_id",
+        {"messages": [{"role": "tool", "content": "x"}]},
+        "messages[0].tool_call_id",
+    ),
     ("role null", {"messages": [{"role": None, "content": "x"}]}, "messages[0]"),
     *[
         (f"{kind} part", {"messages": [{"role": "user", "content": [part]}]}, "messages[0].content")
@@ -259,8 +270,8 @@ NEVER_FORWARDED: dict[str, Any] = {
     "extra_body": {"guided_json": {}},
     # OpenAI features the gateway does not offer
     "logit_bias": {"50256": -100},
-    "tools": [{"type": "function", "function": {"name": "f"}}],
     "functions": [{"name": "f"}],
+    "function_call": {"name": "f"},
     "images": ["http://example.com/a.png"],
 }
 

@@ -45,6 +45,10 @@ ROUTES: dict[tuple[str, str], str] = {
     ("GET", "/metrics"): PUBLIC,
     ("POST", "/v1/chat/completions"): API_KEY,
     ("GET", "/v1/models"): API_KEY,
+    ("GET", "/v1/models/{model}"): API_KEY,
+    ("POST", "/v1/embeddings"): API_KEY,
+    ("POST", "/v1/completions"): API_KEY,
+    ("POST", "/v1/responses"): API_KEY,
     ("GET", "/admin/adapters"): ADMIN,
     ("POST", "/admin/adapters"): ADMIN,
     ("GET", "/admin/adapters/{name}"): ADMIN,
@@ -66,7 +70,7 @@ def settings() -> Settings:
 
 
 def concrete(path: str) -> str:
-    return path.replace("{name}", "notes").replace("{source:path}", "docs/a.md")
+    return path.replace("{name}", "notes").replace("{source:path}", "docs/a.md").replace("{model}", "auto")
 
 
 def by_class(kind: str) -> list[Any]:
@@ -315,13 +319,14 @@ async def test_the_scheme_is_case_insensitive(client: httpx.AsyncClient, scheme:
 
 # ---------------------------------------------------------------------------- (d) the engine's own API
 
+# vLLM's own endpoints that the gateway does not serve. /v1/completions, /v1/embeddings and
+# /v1/responses are the gateway's routes now (classified in ROUTES, behind the API key): the
+# engine's are reached only through the gateway's own parsing, never as vLLM exposes them.
 ENGINE_ENDPOINTS = [
     ("POST", "/v1/load_lora_adapter"),
     ("POST", "/v1/unload_lora_adapter"),
     ("POST", "/tokenize"),
     ("POST", "/detokenize"),
-    ("POST", "/v1/completions"),
-    ("POST", "/v1/embeddings"),
     ("POST", "/pooling"),
     ("POST", "/score"),
     ("POST", "/v1/score"),
@@ -336,7 +341,9 @@ ENGINE_ENDPOINTS = [
     ("POST", "/stop_profile"),
     ("GET", "/server_info"),
     ("GET", "/version"),
-    ("POST", "/v1/responses"),
+    # vLLM's stored responses: the gateway serves POST /v1/responses statelessly, nothing more
+    ("GET", "/v1/responses/resp_0123"),
+    ("POST", "/v1/responses/resp_0123/cancel"),
     ("POST", "/v1/audio/transcriptions"),
     ("POST", "/invocations"),
     ("POST", "/scale_elastic_ep"),

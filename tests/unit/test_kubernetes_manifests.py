@@ -18,6 +18,7 @@ import yaml
 from vllm_router.launch_router import parse_router_args
 
 from service.settings import VLLM_LORA_RANKS
+from tests.unit.test_compose import TOOL_STRICT_LEVELS, vllm_tool_parsers
 
 ROOT = Path(__file__).resolve().parents[2]
 MANIFESTS = ROOT / "deploy" / "kubernetes"
@@ -352,6 +353,25 @@ def test_vllm_replicas_load_adapters_from_the_store_read_only() -> None:
     assert resolver_dir.name == ".versions"
     assert _mount(vllm, str(resolver_dir.parent)).get("readOnly") is True
     assert "--enable-lora" in vllm["args"]
+
+
+def test_vllm_replicas_start_with_tool_calling_for_their_model() -> None:
+    vllm = _main("vllm")
+    assert "--enable-auto-tool-choice" in vllm["args"]
+
+    def configured(flag: str) -> str:
+        source = _source(vllm, _arg(vllm, flag))
+        assert source[0] == "configmap", f"{flag} is a knob of the model's ConfigMap"
+        value: str = _of_kind("ConfigMap")[source[1]]["data"][source[2]]
+        return value
+
+    # hermes: vLLM's parser for Qwen2.5's <tool_call> markup (the configured model).
+    assert configured("--model").startswith("Qwen/Qwen2.5-")
+    assert configured("--tool-call-parser") == "hermes"
+    assert configured("--tool-call-parser") in vllm_tool_parsers()
+    assert configured("--tool-strict-level") in TOOL_STRICT_LEVELS
+    # Qwen2.5 does not reason: no reasoning parser.
+    assert "--reasoning-parser" not in vllm["args"]
 
 
 def test_the_gateway_and_every_vllm_replica_share_one_read_write_many_claim() -> None:
