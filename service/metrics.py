@@ -100,8 +100,8 @@ class Metrics:
         )
         self.in_flight = Gauge(
             "hybrid_chat_completions_in_flight",
-            "Chat completions admitted and not yet answered to the end (HYBRID_MAX_CONCURRENT_REQUESTS "
-            "caps them).",
+            "Generation requests (chat completions, completions, responses, embeddings) admitted and "
+            "not yet answered to the end (HYBRID_MAX_CONCURRENT_REQUESTS caps them).",
             registry=self.registry,
         )
         self.draining = Gauge(
