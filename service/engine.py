@@ -163,14 +163,14 @@ class VLLMEngine:
         )
         try:
             with request_context.activate(span):
-                return await self._open_chat_stream(payload, span)
+                return await self._open_stream(_CHAT, payload, span)
         except BaseException:
             span.end()
             raise
 
-    async def _open_chat_stream(self, payload: dict[str, Any], span: trace.Span) -> EngineStream:
+    async def _open_stream(self, path: str, payload: dict[str, Any], span: trace.Span) -> EngineStream:
         try:
-            response = await self._send("POST", _CHAT, json=payload)
+            response = await self._send("POST", path, json=payload)
         except aiohttp.ConnectionTimeoutError as exc:
             raise self._unavailable(exc) from exc
         except TimeoutError as exc:
@@ -249,23 +249,7 @@ class VLLMEngine:
             if status != 200:
                 raise self._status_error(status, body)
             return body
-        try:
-            response = await self._send("POST", "/v1/completions", json=payload)
-        except aiohttp.ConnectionTimeoutError as exc:
-            raise self._unavailable(exc) from exc
-        except TimeoutError as exc:
-            raise _timeout(exc) from exc
-        except aiohttp.ClientError as exc:
-            raise self._unavailable(exc) from exc
-        if response.status != 200:
-            try:
-                body = await response.read()
-            except (aiohttp.ClientError, TimeoutError):
-                body = b""
-            finally:
-                response.close()
-            raise self._status_error(response.status, body)
-        return _VLLMStream(response, self._retry_after_s, trace.INVALID_SPAN)
+        return await self._open_stream("/v1/completions", payload, trace.INVALID_SPAN)
 
 
 class _VLLMStream:
