@@ -88,13 +88,17 @@ class Metrics:
         )
         self.route_seconds = Histogram(
             "hybrid_route_seconds",
-            "The router's decision, the query's embedding and the index query included.",
+            "The router's decision, the query's embedding and the index query included, by the "
+            "adapter decided (empty: the base model).",
+            ["adapter"],
             buckets=_ROUTE_BUCKETS,
             registry=self.registry,
         )
         self.retrieval_seconds = Histogram(
             "hybrid_retrieval_seconds",
-            "The index query of a routed request (dense and lexical search, fusion).",
+            "The index query of a routed request (dense and lexical search, fusion), by the adapter "
+            "decided (empty: the base model).",
+            ["adapter"],
             buckets=_ROUTE_BUCKETS,
             registry=self.registry,
         )
@@ -136,11 +140,11 @@ class Metrics:
     def observe_inter_token(self, model: str, adapter: str | None, seconds: float) -> None:
         self.inter_token.labels(model, adapter or "").observe(seconds)
 
-    def observe_route(self, seconds: float) -> None:
-        self.route_seconds.observe(seconds)
+    def observe_route(self, adapter: str | None, seconds: float) -> None:
+        self.route_seconds.labels(adapter or "").observe(seconds)
 
-    def observe_retrieval(self, seconds: float) -> None:
-        self.retrieval_seconds.observe(seconds)
+    def observe_retrieval(self, adapter: str | None, seconds: float) -> None:
+        self.retrieval_seconds.labels(adapter or "").observe(seconds)
 
     def count_error(self, error_type: str, code: str | None) -> None:
         self.errors.labels(error_type, code or "").inc()

@@ -149,12 +149,11 @@ class Router:
         ``route`` span with what was decided)."""
         started = time.perf_counter()
         with request_context.span("route", attributes={"hybrid.rag_mode": rag}) as span:
-            try:
-                decision = await self._decide(messages, pin=pin, rag=rag)
-            finally:
-                metrics = request_context.metrics()
-                if metrics is not None:
-                    metrics.observe_route(time.perf_counter() - started)
+            # A decision that raised has no adapter to file it under; the error is counted.
+            decision = await self._decide(messages, pin=pin, rag=rag)
+            metrics = request_context.metrics()
+            if metrics is not None:
+                metrics.observe_route(decision.adapter, time.perf_counter() - started)
             if span.is_recording():
                 span.set_attributes(_span_facts(decision))
         return decision
@@ -175,7 +174,7 @@ class Router:
         search = rag != "off" and self._retriever is not None
         active = self.learner.active
         try:
-            scores, passages = await asyncio.to_thread(self._measure, active, query, search)
+            scores, passages, search_s = await asyncio.to_thread(self._measure, active, query, search)
         except IndexUnavailable as exc:
             if rag == "on":
                 raise IndexUnavailableError(str(exc), retry_after_s=self._retry_after_s) from None
@@ -186,6 +185,9 @@ class Router:
                 adapter, [], {}, None, f"router failed (index unavailable: {exc}); {model}, no retrieval"
             )
         adapter, adapter_reason = self._choose_adapter(manifests, active, scores, pin, rag)
+        metrics = request_context.metrics()
+        if metrics is not None and search_s is not None:
+            metrics.observe_retrieval(adapter, search_s)
         chosen, rag_reason = self._choose_passages(manifests, adapter, passages, rag)
         best = max((p.score for p in passages), default=None) if search else None
         rounded = {name: round(score, 4) for name, score in scores.items() if name != BASE}
@@ -200,24 +202,23 @@ class Router:
 
     def _measure(
         self, active: ActiveRoute | None, query: str, search: bool
-    ) -> tuple[dict[str, float], list[Passage]]:
-        """Blocking: embed once, score the classes, search the index with the same vector."""
+    ) -> tuple[dict[str, float], list[Passage], float | None]:
+        """Blocking: embed once, score the classes, search the index with the same vector. The
+        search's seconds come back for ``hybrid_retrieval_seconds``, which is filed under the
+        adapter decided after it (None: no search)."""
         vector = self._embedder.embed([query])[0]
         scores = active.model.scores(vector) if active is not None else {}
-        passages = self._search(vector, query) if search and self._retriever else []
-        return scores, passages
+        if not (search and self._retriever):
+            return scores, [], None
+        started = time.perf_counter()
+        passages = self._search(vector, query)
+        return scores, passages, time.perf_counter() - started
 
     def _search(self, vector: Vectors, query: str) -> list[Passage]:
-        """Blocking: the index query, timed (``hybrid_retrieval_seconds``) and traced."""
+        """Blocking: the index query, traced."""
         assert self._retriever is not None
-        started = time.perf_counter()
         with request_context.span("retrieve", attributes={"hybrid.top_k": self._top_k}) as span:
-            try:
-                passages = self._retriever.search(vector, query, self._top_k)
-            finally:
-                metrics = request_context.metrics()
-                if metrics is not None:
-                    metrics.observe_retrieval(time.perf_counter() - started)
+            passages = self._retriever.search(vector, query, self._top_k)
             span.set_attribute("hybrid.passages", len(passages))
         return passages
 
