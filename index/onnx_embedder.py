@@ -10,7 +10,11 @@ Normalize (vectors are normalised either way). Anything else raises :class:`Unsu
 and the caller uses the torch backend.
 
 The export is made once per cache directory, in a scratch directory renamed into place (an
-interrupted export never looks finished), and verified by a checksum file on later calls.
+interrupted export never looks finished), and verified by a checksum file on later calls. Making
+it needs torch, transformers and onnx (the ``model`` extra): an install without them (the
+gateway's Docker image) serves an export made elsewhere into the same cache directory, and says
+how to make one when there is none. Exporting the bundled embedder also copies its files there
+(``index/bundled_embedder.py``), for an install without the package that ships them.
 """
 
 from __future__ import annotations
@@ -31,8 +35,10 @@ import numpy as np
 import numpy.typing as npt
 
 from adapters.durable import sha256_file, verify_checksums, write_checksums
+from adapters.extras import require
 from adapters.model_files import check_model_dir
-from index.embedder import Vectors, bundled_embedder_path, embedder_name
+from index import bundled_embedder
+from index.embedder import Vectors, bundled_embedder_path, default_cache_dir, embedder_name
 from index.st_layout import ModelLayout, Pooling, UnsupportedModelError, read_layout
 
 logger = logging.getLogger(__name__)
@@ -44,21 +50,30 @@ _FORMAT_VERSION = 1  # bump when the export changes, so old caches are rebuilt
 _TOLERANCE = 1e-4  # largest difference allowed between a torch vector and an ONNX one at export
 
 
-def default_cache_dir() -> Path:
-    return Path.home() / ".cache" / "hybrid-serve"
-
-
-def ensure_onnx_model(model_dir: Path, cache_dir: Path) -> Path:
+def ensure_onnx_model(model_dir: Path, cache_dir: Path, *, copy_bundled: bool = True) -> Path:
     """Return the ONNX export of the sentence-transformers model in ``model_dir`` (the
     ``model.onnx`` file, under ``cache_dir``), exporting it first if it is missing or fails its
-    checksum. Raises :class:`UnsupportedModelError` for a model this backend cannot reproduce, and
-    ``UnsafeModelError`` for a directory holding code or pickles (never exported)."""
+    checksum. Raises :class:`UnsupportedModelError` for a model this backend cannot reproduce,
+    ``UnsafeModelError`` for a directory holding code or pickles (never exported), and
+    ``MissingExtraError`` when an export is needed and torch is not installed.
+
+    With ``copy_bundled``, the bundled embedder's package files are also copied under
+    ``cache_dir`` (once), for a gateway that shares the cache but not the package."""
     check_model_dir(model_dir, what="embedder")
     layout = read_layout(model_dir)
     digest = sha256_file(layout.weights)
     target = cache_dir / f"onnx-{embedder_name(model_dir)}-{digest[:12]}"
+    if copy_bundled and model_dir == bundled_embedder.package_dir():
+        bundled_embedder.ensure_copy(model_dir, cache_dir)
     if _verify(target):
         return target / MODEL_FILE
+    require(
+        "model",
+        f"exporting the embedder to ONNX (there is no export in {cache_dir}: `hybrid-serve model` makes it)",
+        "torch",
+        "transformers",
+        "onnx",
+    )
     if target.exists():
         logger.warning("ONNX export at %s is incomplete or corrupt; rebuilding", target)
         shutil.rmtree(target)
@@ -238,10 +253,12 @@ class OnnxEmbedder:
         threads: int | None = None,
         cache_dir: Path | None = None,
     ) -> None:
-        self._path = path or bundled_embedder_path()
+        cache = cache_dir or default_cache_dir()
+        self._path = path or bundled_embedder_path(cache)
         # First: it refuses an unsafe directory (rather than leave it to the torch fallback)
-        # before reading anything from it.
-        model_file = ensure_onnx_model(self._path, cache_dir or default_cache_dir())
+        # before reading anything from it. No copy of the bundled files at each start: the
+        # export step (`hybrid-serve model`) makes it.
+        model_file = ensure_onnx_model(self._path, cache, copy_bundled=False)
         self._layout = read_layout(self._path)
         self._session = _session(model_file, threads)
         self._inputs = [node.name for node in self._session.get_inputs()]

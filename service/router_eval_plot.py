@@ -9,6 +9,12 @@ from typing import Any
 
 import numpy as np
 
+from adapters.extras import require
+
+# At import, which `router eval` does before it evaluates: a missing matplotlib is said in a second,
+# not after minutes of evaluation.
+require("plot", "router eval's figure", "matplotlib")
+
 TITLES = {
     ("out_of_the_box", "classifier"): "out of the box: learned router",
     ("out_of_the_box", "threshold_router"): "out of the box: threshold router (default threshold)",

@@ -31,6 +31,7 @@ from tests.api.admin_support import (  # noqa: F401 (fixtures, under their pytes
     upload,
 )
 from tests.fakes import FakeEngine
+from tests.safetensors_layout import LAYOUTS, MESSAGES, rewritten
 
 
 @pytest.fixture(scope="module")
@@ -118,6 +119,19 @@ async def test_an_invalid_adapter_is_400_and_leaves_no_trace(
     )
     error = assert_admin_error(response, 400, param=refusal.param, code="invalid_adapter")
     assert refusal.says in error["message"]
+    await assert_nothing_registered(client, engine, store_dir)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+async def test_weights_with_a_broken_layout_are_400_and_leave_no_trace(
+    client: httpx.AsyncClient, engine: FakeEngine, store_dir: Path, lora_adapter: Path, layout: str
+) -> None:
+    """Gapped, overlapping, cut or over-long tensor data: refused here, not later by vLLM."""
+    weights = rewritten(lora_adapter / WEIGHTS_FILE, LAYOUTS[layout])
+    response = await upload(client, "pirate", lora_adapter, weights=weights)
+    error = assert_admin_error(response, 400, param="weights", code="invalid_adapter")
+    assert "not a valid safetensors file" in error["message"]
+    assert MESSAGES[layout] in error["message"]
     await assert_nothing_registered(client, engine, store_dir)
 
 

