@@ -45,6 +45,7 @@ from service.routes_openai import router as openai_router
 from service.routes_responses import router as responses_router
 from service.settings import Settings, get_settings
 from service.tracing import Tracing
+from service.traffic_log import TrafficLog
 
 logger = logging.getLogger(__name__)
 
@@ -129,6 +130,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     supervisor: EngineSupervisor | None = None
     background: asyncio.Task[None] | None = None
     router_follow: asyncio.Task[None] | None = None
+    traffic: TrafficLog | None = None
     if model_dir is not None:
 
         def engine_restarting() -> None:
@@ -170,6 +172,13 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         )
         # The stored classifier serves at once; a refit, if the adapters changed, follows.
         await learner.load()
+        if settings.traffic_log is not None:
+            traffic = await asyncio.to_thread(
+                TrafficLog,
+                settings.traffic_log,
+                max_bytes=settings.traffic_log_max_bytes,
+                on_drop=metrics.traffic_log_dropped.inc,
+            )
         app.state.router = Router(
             knowledge.embedder,
             knowledge.retriever,
@@ -178,6 +187,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
             top_k=settings.rag_top_k,
             rag_threshold=settings.rag_threshold,
             retry_after_s=settings.retry_after_s,
+            traffic=traffic,
         )
         router_follow = asyncio.create_task(
             _follow_router(app.state.router, registry, settings.adapter_sync_s)
@@ -204,6 +214,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
                 task.cancel()
         if supervisor is not None:
             await supervisor.stop()
+        if traffic is not None:  # after the drain: the last requests' lines are written
+            await asyncio.to_thread(traffic.close)
         await session.close()
 
 

@@ -42,6 +42,7 @@ class _Prepared:
     route: RouteDecision
     removed: Sequence[Counter[str]]  # instructions screened out of each passage, in source order
     redactor: SecretRedactor | None  # the secrets of the request's system prompt, if any
+    decision: Decision  # what the router decided it on (its scores, for the metrics and traffic log)
 
 
 class ChatService:
@@ -108,11 +109,13 @@ class ChatService:
         payload["model"] = self._adapters.engine_id(model) if decision.adapter and self._adapters else model
         route = await self._augmenter.apply(decision, payload, base)
         logger.info("route %s: %s", route.header(), route.reason)
-        return _Prepared(model, payload, route, removed[: len(route.rag.sources)], redactor)
+        return _Prepared(model, payload, route, removed[: len(route.rag.sources)], redactor, decision)
 
     def _count(self, prepared: _Prepared) -> None:
         """Metrics and logs of a request about to be generated (not of an explained one)."""
         self._metrics.count_route(prepared.route)
+        if self._router is not None:
+            self._router.observe(prepared.decision, prepared.route)
         for source, kinds in zip(prepared.route.rag.sources, prepared.removed, strict=False):
             if kinds:
                 self._metrics.count_injections(kinds)

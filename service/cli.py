@@ -9,7 +9,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from service import cli_adapters, cli_collections, cli_router
+from adapters.extras import MissingExtraError
+from service import cli_adapters, cli_collections, cli_router, cli_traffic
 from service.settings import Settings, load_settings
 
 
@@ -39,9 +40,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     cli_adapters.add_parser(commands)
     cli_collections.add_parsers(commands)
     cli_router.add_parser(commands)
+    cli_traffic.add_parser(commands)
 
     args = parser.parse_args(argv)
-    code: int = args.handler(args)
+    try:
+        code: int = args.handler(args)
+    except MissingExtraError as error:
+        # A command whose extra is not installed: the message names the extra; a traceback adds nothing.
+        print(f"hybrid-serve {args.command}: {error}", file=sys.stderr)
+        return 2
     return code
 
 

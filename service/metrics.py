@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -21,6 +21,13 @@ _INTER_TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.2
 # The router and the index: milliseconds (decide p50 11 ms, p99 14 ms; the index query p50 5 ms,
 # p99 9 ms at 10,000 chunks), up to tens of ms under load.
 _ROUTE_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+# The classifier's calibrated probabilities: an adapter is chosen at or above its threshold (about
+# 0.4 to 0.65) and mostly lands above 0.9; a base decision may be well under 0.5 when it abstains.
+# The top buckets are narrow because drift shows first as confidence sliding off 0.95-0.99.
+_PROBABILITY_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
+# Cosine similarities lie in [-1, 1] (the first bucket takes everything at or below 0); finer
+# around HYBRID_RAG_THRESHOLD's default, 0.45, where passages start being added.
+_SIMILARITY_BUCKETS = (0.0, 0.1, 0.2, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.7, 0.8, 0.9)
 
 
 class Metrics:
@@ -102,6 +109,35 @@ class Metrics:
             buckets=_ROUTE_BUCKETS,
             registry=self.registry,
         )
+        self.route_score = Histogram(
+            "hybrid_route_score",
+            "Automatic routing decisions: the classifier's calibrated probability of the class "
+            "decided, by the adapter decided (empty: the base model).",
+            ["adapter"],
+            buckets=_PROBABILITY_BUCKETS,
+            registry=self.registry,
+        )
+        self.retrieval_score = Histogram(
+            "hybrid_retrieval_score",
+            "Every passage the index returned for a routed request (used or not): its cosine "
+            "similarity to the query, by collection.",
+            ["collection"],
+            buckets=_SIMILARITY_BUCKETS,
+            registry=self.registry,
+        )
+        self.retrieval_top_score = Histogram(
+            "hybrid_retrieval_top_score",
+            "The best passage the index returned for a routed request: its cosine similarity to "
+            "the query, by its collection.",
+            ["collection"],
+            buckets=_SIMILARITY_BUCKETS,
+            registry=self.registry,
+        )
+        self.traffic_log_dropped = Counter(
+            "hybrid_traffic_log_dropped",
+            "Traffic log lines not written (the writer fell behind, or the file could not be written).",
+            registry=self.registry,
+        )
         self.in_flight = Gauge(
             "hybrid_chat_completions_in_flight",
             "Generation requests (chat completions, completions, responses, embeddings) admitted and "
@@ -145,6 +181,17 @@ class Metrics:
 
     def observe_retrieval(self, adapter: str | None, seconds: float) -> None:
         self.retrieval_seconds.labels(adapter or "").observe(seconds)
+
+    def observe_route_score(self, adapter: str | None, probability: float) -> None:
+        self.route_score.labels(adapter or "").observe(probability)
+
+    def observe_retrieval_scores(self, scores: Sequence[tuple[str, float]]) -> None:
+        """``(collection, cosine)`` of each passage a query got back."""
+        for collection, score in scores:
+            self.retrieval_score.labels(collection).observe(score)
+        if scores:
+            collection, score = max(scores, key=lambda pair: pair[1])
+            self.retrieval_top_score.labels(collection).observe(score)
 
     def count_error(self, error_type: str, code: str | None) -> None:
         self.errors.labels(error_type, code or "").inc()

@@ -24,6 +24,11 @@ a secret split across chunks is caught, and releases them on the choice's last c
 Limits: a secret that looks like neither (a plain word with no credential word before it) is
 not known; a secret the model spells differently (spaces between its characters, translated,
 encoded) is not caught.
+
+:func:`redact_prompt` applies the same two rules to a user's prompt before the traffic log
+keeps it, and also replaces e-mail addresses (:data:`EMAIL`) and numbers of 7 digits or more,
+spaces, dots, dashes and brackets allowed between them (:data:`NUMBER`: phone, card, account
+numbers; an ISO date is left alone).
 """
 
 from __future__ import annotations
@@ -42,6 +47,8 @@ from service.protocol import (
 )
 
 REDACTED = "[redacted]"
+EMAIL = "[email]"
+NUMBER = "[number]"
 MIN_TOKEN = 8
 MIN_VALUE = 4
 FRAGMENT = 8
@@ -73,6 +80,22 @@ _NOT_VALUES = frozenset(
         "ours", "yours", "mine", "theirs",
     )
 )  # fmt: skip
+
+
+_EMAIL = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}")
+# A digit, then 6 or more digits each after at most two separators ("+1 (415) 555-0134",
+# "4111 1111 1111 1111"); not inside a word or a decimal ("v1.2", "3.14159").
+_NUMBER = re.compile(r"(?<![\w.])\+?\(?\d(?:[\s().-]{0,2}\d){6,}(?![\w])")
+_ISO_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
+
+
+def redact_prompt(text: str) -> str:
+    """``text`` with e-mail addresses, long numbers and credential-looking tokens replaced (what
+    the traffic log keeps of a prompt)."""
+    text = _EMAIL.sub(EMAIL, text)
+    text = _NUMBER.sub(lambda m: m.group() if _ISO_DATE.fullmatch(m.group()) else NUMBER, text)
+    redactor = SecretRedactor.for_messages([text])
+    return redactor.redact(text)[0] if redactor is not None else text
 
 
 def find_secrets(texts: Iterable[str]) -> list[str]:

@@ -22,6 +22,7 @@ reason in the decision (``rag: on`` still fails: retrieval was required).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Sequence
@@ -36,8 +37,10 @@ from service import request_context
 from service.context_block import message_text
 from service.errors import InvalidRequestError
 from service.knowledge import IndexUnavailableError
+from service.protocol import RouteDecision
 from service.route_learner import ActiveRoute, RouteLearner
 from service.route_model import BASE, RouteModel
+from service.traffic_log import Observed, Retrieved, TrafficLog
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +83,8 @@ class Decision:
     reason: str
     base_score: float | None = None
     """The classifier's probability of the base model (None: no classifier was asked)."""
+    observed: Observed | None = None
+    """What it was decided on, for :meth:`Router.observe`."""
 
 
 def routing_query(messages: Sequence[dict[str, Any]]) -> str:
@@ -104,6 +109,7 @@ class Router:
         top_k: int,
         rag_threshold: float,
         retry_after_s: int,
+        traffic: TrafficLog | None = None,
     ) -> None:
         self._embedder = embedder
         self._retriever = retriever
@@ -112,6 +118,7 @@ class Router:
         self._top_k = top_k
         self.rag_threshold = rag_threshold
         self._retry_after_s = retry_after_s
+        self._traffic = traffic
         self._manifests: dict[str, AdapterManifest] = {}
         self._seen = -1
         self._sync_lock = asyncio.Lock()
@@ -151,6 +158,9 @@ class Router:
         with request_context.span("route", attributes={"hybrid.rag_mode": rag}) as span:
             # A decision that raised has no adapter to file it under; the error is counted.
             decision = await self._decide(messages, pin=pin, rag=rag)
+            if decision.observed is None:  # decided on nothing the classifier or the index said
+                observed = Observed(routing_query(messages), pin is not None)
+                decision = dataclasses.replace(decision, observed=observed)
             metrics = request_context.metrics()
             if metrics is not None:
                 metrics.observe_route(decision.adapter, time.perf_counter() - started)
@@ -198,7 +208,31 @@ class Router:
             None if best is None else round(best, 4),
             f"{adapter_reason}; {rag_reason}",
             base_score=round(scores[BASE], 4) if BASE in scores else None,
+            observed=Observed.of(
+                query,
+                pin is not None,
+                scores,
+                [Retrieved(p.collection, p.id, p.score) for p in passages],
+                active.version if active is not None else None,
+                None if active is None else lambda name: self.threshold(manifests.get(name), active.model),
+            ),
         )
+
+    def observe(self, decision: Decision, route: RouteDecision) -> None:
+        """A decision being served (not an explained one): its scores into the metrics
+        (``hybrid_route_score`` for automatic ones, ``hybrid_retrieval_score``) and its line
+        into the traffic log, if one is kept."""
+        observed = decision.observed
+        if observed is None:
+            return
+        metrics = request_context.metrics()
+        if metrics is not None:
+            probability = observed.scores.get(decision.adapter or BASE)
+            if not observed.pinned and probability is not None:
+                metrics.observe_route_score(decision.adapter, probability)
+            metrics.observe_retrieval_scores([(r.collection, r.score) for r in observed.retrieved])
+        if self._traffic is not None:
+            self._traffic.record(observed, decision.adapter, route)
 
     def _measure(
         self, active: ActiveRoute | None, query: str, search: bool

@@ -219,6 +219,17 @@ class Settings(BaseSettings):
         description="Replace with `[redacted]` every credential-looking token of the request's system "
         "and developer messages that appears in an answer, plain or streamed.",
     )
+    traffic_log: Path | None = Field(
+        None,
+        description="A JSONL file the gateway appends one line to per routed chat request (the prompt "
+        "redacted, the route, the router's and retrieval's scores); unset: nothing is logged.",
+    )
+    traffic_log_max_bytes: int = Field(
+        64 * 1024 * 1024,
+        ge=4096,
+        description="When the traffic log would pass this size it is renamed to `FILE.1` (replacing the "
+        "previous one) and a new file begun: at most twice this on disk.",
+    )
     max_document_upload_bytes: int = Field(
         32 * 1024 * 1024, ge=1024, description="Largest body of a document upload (admin collections)."
     )
