@@ -8,6 +8,7 @@ the store's own validation passes, so ``--output`` never holds a half-written ad
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import logging
@@ -22,6 +23,13 @@ from adapters.chat_tokens import ChatEncoder
 from adapters.device import place
 from adapters.durable import SCRATCH_PREFIX, fsync_dir
 from adapters.evaluation import Comparison, Evaluator
+from adapters.forgetting import (
+    Forgetting,
+    ForgettingMargin,
+    GeneralSet,
+    forgetting_verdict,
+    measure_forgetting,
+)
 from adapters.model_card import CARD_FILE, write_card
 from adapters.model_files import check_model_dir
 from adapters.train_config import TrainConfig
@@ -35,6 +43,8 @@ PROMPT_CHARS = 2000
 """The longest prompt the admin API takes (an example or a training prompt)."""
 TRAINING_PROMPTS_LIMIT = 5000
 """The most training prompts the admin API takes for one adapter."""
+RUN_FILE = "run.json"
+"""In the checkpoint directory: the fingerprint a resumed run must match."""
 
 
 @dataclass(frozen=True)
@@ -53,8 +63,15 @@ class TrainRequest:
     force: bool = False
     """Train on fewer rows than training_data.MIN_ROWS."""
     overwrite: bool = False
+    resume: bool = False
+    """Go on from the latest checkpoint of an interrupted run of this name (same data and
+    settings)."""
     max_rank: int = 64
     progress: bool = True
+    forgetting_margin: ForgettingMargin = field(default_factory=ForgettingMargin)
+    """How much worse than the base the adapter may be on the general set (adapters/forgetting.py)."""
+    general: GeneralSet | None = None
+    """The general set forgetting is measured on; None: the shipped one (tests pass a cut of it)."""
 
 
 @dataclass(frozen=True)
@@ -64,6 +81,12 @@ class FineTuneResult:
     training: TrainResult
     comparison: Comparison
     report: dict[str, Any]
+    forgetting: Forgetting
+
+    @property
+    def forgets(self) -> bool:
+        """General quality (the shipped general set) falls beyond the request's margin."""
+        return self.forgetting.forgets
 
     @property
     def beats_base(self) -> bool:
@@ -129,25 +152,44 @@ def fine_tune(request: TrainRequest) -> FineTuneResult:
     evaluator = Evaluator(
         encoder, split.train, split.validation, batch_size=config.batch_size, placement=placement
     )
+    checkpoints = checkpoint_dir(request)
+    fingerprint = _run_fingerprint(request, split)
+    if request.resume:
+        _check_resumable(checkpoints, fingerprint)
+    else:
+        shutil.rmtree(checkpoints, ignore_errors=True)  # a stale run's checkpoints: starting afresh
+        checkpoints.mkdir(parents=True)
+        (checkpoints / RUN_FILE).write_text(json.dumps(fingerprint, indent=2, sort_keys=True) + "\n")
     trainer = Trainer(
         model,
         [encoder.encode(e) for e in split.train],
         evaluator,
         config,
         placement=placement,
+        checkpoints=checkpoints,
         progress=request.progress,
     )
-    training = trainer.run()
+    training = trainer.run(resume=request.resume)
     comparison = evaluator.compare(model, base_loss=training.base_loss)
+    forgetting = measure_forgetting(
+        model,
+        encoder,
+        placement=placement,
+        margin=request.forgetting_margin,
+        batch_size=config.batch_size,
+        general=request.general,
+    )
+    logger.info("forgetting: %s", forgetting.to_json()["change"])
     run_facts = {
         "device": placement.device,
         "precision": placement.precision,
         "torch": torch.__version__,
         "eval_steps": trainer.eval_steps,
     }
-    report = _report(request, split, training, comparison, {**config.to_json(), **run_facts})
+    report = _report(request, split, training, comparison, forgetting, {**config.to_json(), **run_facts})
     directory = _publish(request, model, report, training, base_info)
-    return FineTuneResult(directory, split, training, comparison, report)
+    shutil.rmtree(checkpoints, ignore_errors=True)  # published: nothing left to resume
+    return FineTuneResult(directory, split, training, comparison, report, forgetting)
 
 
 def _report(
@@ -155,6 +197,7 @@ def _report(
     split: DataSplit,
     training: TrainResult,
     comparison: Comparison,
+    forgetting: Forgetting,
     hyperparameters: dict[str, Any],
 ) -> dict[str, Any]:
     base, adapter = comparison.base, comparison.adapter
@@ -173,6 +216,7 @@ def _report(
                 f" and {100 * (adapter.metric - comparison.majority_share):+.1f} against the majority label"
             )
         verdict += "."
+    verdict += " " + forgetting_verdict(forgetting)
     return {
         "name": request.name,
         "base_model": request.base_model_id or str(request.base_model.resolve()),
@@ -191,8 +235,39 @@ def _report(
         "hyperparameters": hyperparameters,
         "training": training.to_json(),
         "evaluation": comparison.to_json(),
+        "forgetting": forgetting.to_json(),
         "verdict": verdict,
     }
+
+
+def checkpoint_dir(request: TrainRequest) -> Path:
+    """Where a run keeps its checkpoints: hidden beside the adapter's destination, removed once
+    the adapter is published, left for ``--resume`` when the run is interrupted."""
+    return request.output / f".{request.name}.checkpoints"
+
+
+def _run_fingerprint(request: TrainRequest, split: DataSplit) -> dict[str, Any]:
+    """What a resumed run must share with the interrupted one: the same rows, the same base and
+    the same settings (device and precision may change)."""
+    settings = {k: v for k, v in request.config.to_json().items() if k not in {"device", "precision"}}
+    rows = json.dumps([[e.to_json() for e in split.train], [e.to_json() for e in split.validation]])
+    return {
+        "base_model": str(request.base_model.resolve()),
+        "settings": settings,
+        "rows_sha256": hashlib.sha256(rows.encode()).hexdigest(),
+    }
+
+
+def _check_resumable(checkpoints: Path, fingerprint: dict[str, Any]) -> None:
+    try:
+        recorded = json.loads((checkpoints / RUN_FILE).read_text())
+    except (OSError, ValueError):
+        raise ValueError(f"--resume: no interrupted run under {checkpoints}") from None
+    differs = sorted(k for k in fingerprint if recorded.get(k) != fingerprint[k])
+    if differs:
+        raise ValueError(
+            f"--resume: the checkpoints under {checkpoints} are of a run with other {', '.join(differs)}"
+        )
 
 
 def _validation_source(request: TrainRequest) -> str:

@@ -59,6 +59,40 @@ def _counts(predictions: dict[str, int]) -> str:
     return ", ".join(f"{label}: {count}" for label, count in predictions.items())
 
 
+def _forgetting_section(forgetting: dict[str, Any]) -> list[str]:
+    """Base against adapter on the shipped general set (adapters/forgetting.py)."""
+    base, adapter, change = forgetting["base"], forgetting["adapter"], forgetting["change"]
+    margin = forgetting["margin"]
+    outcome = (
+        "**Beyond the margin:** " + "; ".join(forgetting["reasons"]) + "."
+        if forgetting["forgets"]
+        else "Within the margin."
+    )
+    return [
+        "## General quality (forgetting)",
+        "",
+        f"The same two models on a general set shipped with hybrid-serve, unrelated to this adapter's "
+        f"data: {forgetting['text_tokens']} tokens of everyday prose, and {forgetting['chat_rows']} "
+        "general questions and instructions (the perplexity of their reference answers, and how often "
+        "the greedy answer contains the expected words).",
+        "",
+        "| | base model | adapter | change |",
+        "|---|---|---|---|",
+        f"| general text perplexity | {_fmt(base['text_perplexity'], 2)} | "
+        f"{_fmt(adapter['text_perplexity'], 2)} | {change['text_perplexity_pct']:+.1f}% |",
+        f"| general chat perplexity | {_fmt(base['chat_perplexity'], 2)} | "
+        f"{_fmt(adapter['chat_perplexity'], 2)} | {change['chat_perplexity_pct']:+.1f}% |",
+        f"| general chat accuracy | {_percent(base['chat_accuracy'])} | {_percent(adapter['chat_accuracy'])} "
+        f"| {change['chat_accuracy_points']:+.1f} points |",
+        "",
+        f"Margins: a rise of at most {margin['text_perplexity_pct']:g}% in text perplexity and "
+        f"{margin['chat_perplexity_pct']:g}% in chat perplexity, a fall of at most "
+        f"{margin['accuracy_points']:g} points in accuracy. {outcome} "
+        f"Measured in {forgetting['seconds']:.0f} s.",
+        "",
+    ]
+
+
 def model_card(report: dict[str, Any]) -> str:
     """The Markdown card: what the adapter is for, how it was made, and how it compares."""
     data, evaluation, training = report["data"], report["evaluation"], report["training"]
@@ -102,6 +136,7 @@ def model_card(report: dict[str, Any]) -> str:
             f"adapter {_counts(adapter['predictions'])}.",
             "",
         ]
+    lines += _forgetting_section(report["forgetting"])
     if report["verdict"]:
         lines += [f"**{report['verdict']}**", ""]
     lines += [

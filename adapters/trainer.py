@@ -1,27 +1,39 @@
-"""The training loop: LoRA steps, validation every ``eval_steps``, early stopping, best weights kept.
+"""The training loop: ``transformers.Trainer`` with the assistant-only loss, validation every
+``eval_steps``, early stopping, best weights kept, checkpoints to resume from.
 
 Validation loss is measured before the first step too: PEFT starts ``lora_B`` at zero, so that
 first figure is the base model's own loss on the held-out rows, the line the adapter must beat.
 Training stops once ``patience`` validations in a row fail to improve on the best by
-``min_delta`` (the adapter has started to learn the training rows rather than the task), and the
-weights of the best validation are what is saved, not the last ones.
+``min_delta`` (``EarlyStoppingCallback``: the adapter has started to learn the training rows
+rather than the task), and the weights of the best validation are what is saved, not the last
+ones (``load_best_model_at_end``). When no validation beats step 0, the adapter goes back to its
+initial weights, which are the base model.
+
+Three things differ from a stock ``Trainer``:
+- the loss (``compute_loss``) is cross-entropy on the answer tokens only, summed and divided by
+  the answer tokens of the whole accumulated batch (``num_items_in_batch``), so long and short
+  answers weigh per token, however the rows fall into micro-batches;
+- validation (``evaluate``) is the same token-weighted loss that the comparison with the base
+  reports (``Evaluator.loss``), not the Trainer's mean of per-batch means, so the step-0 figure
+  is exactly the base's;
+- step 0 is a candidate best: the stock Trainer only ranks validations that save a checkpoint.
 """
 
 from __future__ import annotations
 
-import math
-import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from adapters.answer_loss import answer_loss
-from adapters.batches import collate, to_device, training_order
 from adapters.chat_tokens import Encoded
 from adapters.device import Placement
 from adapters.evaluation import Evaluator
 from adapters.train_config import TrainConfig
+
+_KEEP_CHECKPOINTS = 2
+"""The best and the latest: enough to resume and to restore the best."""
 
 
 @dataclass(frozen=True)
@@ -42,6 +54,8 @@ class TrainResult:
     validations: list[Validation] = field(default_factory=list)
     best_step: int = 0
     stopped_early: bool = False
+    resumed_from: int | None = None
+    """The step of the checkpoint this run resumed from, if it did."""
     seconds: float = 0.0
 
     @property
@@ -59,6 +73,7 @@ class TrainResult:
             "best_step": self.best_step,
             "best_validation_loss": round(self.best_loss, 4),
             "stopped_early": self.stopped_early,
+            "resumed_from_step": self.resumed_from,
             "seconds": round(self.seconds, 1),
             "validations": [
                 {
@@ -72,7 +87,15 @@ class TrainResult:
         }
 
 
+def latest_checkpoint(directory: Path) -> Path | None:
+    """The newest ``checkpoint-N`` under ``directory``, if any."""
+    found = [p for p in directory.glob("checkpoint-*") if p.name.removeprefix("checkpoint-").isdigit()]
+    return max(found, key=lambda p: int(p.name.removeprefix("checkpoint-")), default=None)
+
+
 class Trainer:
+    """One run: ``run()`` trains ``model`` (a PEFT model) in place and leaves the best weights."""
+
     def __init__(
         self,
         model: Any,
@@ -81,6 +104,7 @@ class Trainer:
         config: TrainConfig,
         *,
         placement: Placement,
+        checkpoints: Path,
         progress: bool = True,
     ) -> None:
         self.model = model
@@ -88,83 +112,115 @@ class Trainer:
         self.evaluator = evaluator
         self.config = config
         self.placement = placement
+        self.checkpoints = checkpoints
         self.progress = progress
-        batches_per_epoch = math.ceil(len(self.train) / config.batch_size)
+        batches_per_epoch = -(-len(self.train) // config.batch_size)
         steps_per_epoch = max(1, batches_per_epoch // config.gradient_accumulation)
         self.total_steps = max(1, round(steps_per_epoch * config.epochs))
         self.eval_steps = config.eval_steps or max(1, steps_per_epoch // 4)
         self.steps_per_epoch = steps_per_epoch
 
-    def run(self) -> TrainResult:
-        import torch
+    def run(self, *, resume: bool = False) -> TrainResult:
+        """Train; with ``resume``, from the latest checkpoint under ``checkpoints`` (the caller
+        has checked that it belongs to this run)."""
         from peft import get_peft_model_state_dict, set_peft_model_state_dict
-        from tqdm import tqdm
-        from transformers import get_linear_schedule_with_warmup
+        from transformers import EarlyStoppingCallback, PrinterCallback
 
-        config = self.config
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
-        schedule = get_linear_schedule_with_warmup(  # type: ignore[no-untyped-call]
-            optimizer, round(config.warmup_fraction * self.total_steps), self.total_steps
+        from adapters.hf_trainer import AnswerTrainer, Collator, EvaluateAtTheEnd
+
+        start = latest_checkpoint(self.checkpoints) if resume else None
+        if resume and start is None:
+            raise ValueError(f"--resume: no checkpoint under {self.checkpoints}")
+        initial = {k: v.detach().clone() for k, v in get_peft_model_state_dict(self.model).items()}
+        trainer = AnswerTrainer(
+            evaluator=self.evaluator,
+            model=self.model,
+            args=self._arguments(eval_on_start=start is None),
+            train_dataset=_rows(self.train),
+            # Validated by ``AnswerTrainer.evaluate`` through the evaluator, on these same rows.
+            eval_dataset=_rows(self.evaluator.encoded),
+            data_collator=Collator(self.evaluator.encoder.pad_id),
+            callbacks=[
+                EvaluateAtTheEnd(),
+                EarlyStoppingCallback(self.config.patience, self.config.min_delta),
+            ],
         )
-        result = TrainResult(self.total_steps)
+        if not self.progress:
+            trainer.remove_callback(PrinterCallback)  # it prints every log line to stdout
         started = time.monotonic()
-        result.validations.append(Validation(0, 0.0, self.evaluator.loss(self.model), None))
-        best_state = _clone(get_peft_model_state_dict(self.model))
-        since_best, pending = 0, []
-        rng = random.Random(config.seed)
-        bar = tqdm(total=self.total_steps, desc="training", unit="step", disable=not self.progress)
-        micro = 0
-        while result.steps < self.total_steps and not result.stopped_early:
-            for batch in training_order(self.train, config.batch_size, rng):
-                self.model.train()
-                tensors = to_device(collate(batch, self.evaluator.encoder.pad_id), self.placement.device)
-                with self.placement.autocast():
-                    summed, tokens = answer_loss(self.model, tensors)
-                loss = summed / max(tokens, 1)
-                (loss / config.gradient_accumulation).backward()
-                pending.append(float(loss.detach()))
-                micro += 1
-                if micro % config.gradient_accumulation:
-                    continue
-                torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-                optimizer.step()
-                schedule.step()
-                optimizer.zero_grad(set_to_none=True)
-                result.steps += 1
-                result.train_losses.append(
-                    sum(pending[-config.gradient_accumulation :]) / config.gradient_accumulation
-                )
-                bar.update(1)
-                bar.set_postfix(loss=f"{result.train_losses[-1]:.3f}")
-                if result.steps % self.eval_steps == 0 or result.steps == self.total_steps:
-                    validation = self._validate(result, pending)
-                    pending = []
-                    bar.write(
-                        f"step {validation.step}: train loss {validation.train_loss:.4f}, "
-                        f"validation loss {validation.loss:.4f}"
-                    )
-                    if validation.loss < result.best_loss - config.min_delta:
-                        result.best_step, since_best = validation.step, 0
-                        best_state = _clone(get_peft_model_state_dict(self.model))
-                    else:
-                        since_best += 1
-                        result.stopped_early = since_best >= config.patience
-                if result.steps >= self.total_steps or result.stopped_early:
-                    break
-        bar.close()
-        set_peft_model_state_dict(self.model, best_state)
+        trainer.train(resume_from_checkpoint=str(start) if start else None)
+        state = trainer.state
+        best_step = state.best_global_step or 0
+        if best_step == 0:
+            # Nothing beat step 0, whose weights no checkpoint holds: they are the initial ones.
+            set_peft_model_state_dict(self.model, initial)
+        result = self._result(state.log_history, state.global_step, best_step)
+        result.resumed_from = int(start.name.removeprefix("checkpoint-")) if start else None
         result.seconds = time.monotonic() - started
         return result
 
-    def _validate(self, result: TrainResult, pending: list[float]) -> Validation:
-        train_loss = sum(pending) / len(pending) if pending else None
-        validation = Validation(
-            result.steps, result.steps / self.steps_per_epoch, self.evaluator.loss(self.model), train_loss
+    def _arguments(self, *, eval_on_start: bool) -> Any:
+        from transformers import TrainingArguments
+
+        config = self.config
+        return TrainingArguments(
+            output_dir=str(self.checkpoints),
+            max_steps=self.total_steps,
+            per_device_train_batch_size=config.batch_size,
+            per_device_eval_batch_size=config.batch_size,
+            gradient_accumulation_steps=config.gradient_accumulation,
+            learning_rate=config.learning_rate,
+            weight_decay=config.weight_decay,
+            max_grad_norm=config.max_grad_norm,
+            lr_scheduler_type="linear",
+            warmup_steps=round(config.warmup_fraction * self.total_steps),
+            optim="adamw_torch",
+            seed=config.seed,
+            data_seed=config.seed,
+            bf16=self.placement.bf16,
+            use_cpu=self.placement.device == "cpu",
+            # Length-grouped batches: on CPU the padding of a random batch is most of a step.
+            train_sampling_strategy="group_by_length",
+            remove_unused_columns=False,
+            dataloader_num_workers=0,
+            eval_strategy="steps",
+            eval_steps=self.eval_steps,
+            eval_on_start=eval_on_start,
+            save_strategy="steps",
+            save_steps=self.eval_steps,
+            save_total_limit=_KEEP_CHECKPOINTS,
+            load_best_model_at_end=True,
+            metric_for_best_model="eval_loss",
+            greater_is_better=False,
+            # The early-stopping counter resumes with the run rather than starting again at 0.
+            restore_callback_states_from_checkpoint=True,
+            logging_strategy="steps",
+            logging_steps=1,
+            report_to="none",
+            disable_tqdm=not self.progress,
         )
-        result.validations.append(validation)
-        return validation
+
+    def _result(self, history: list[dict[str, Any]], steps: int, best_step: int) -> TrainResult:
+        losses = {int(e["step"]): float(e["loss"]) for e in history if "loss" in e}
+        evaluations = {int(e["step"]): float(e["eval_loss"]) for e in history if "eval_loss" in e}
+        result = TrainResult(self.total_steps, steps=steps, best_step=best_step)
+        result.train_losses = [losses[s] for s in sorted(losses)]
+        result.stopped_early = steps < self.total_steps
+        previous: int | None = None
+        for step in sorted(evaluations):
+            since = [loss for s, loss in losses.items() if (previous or 0) < s <= step]
+            result.validations.append(
+                Validation(
+                    step,
+                    step / self.steps_per_epoch,
+                    evaluations[step],
+                    sum(since) / len(since) if since and previous is not None else None,
+                )
+            )
+            previous = step
+        return result
 
 
-def _clone(state: dict[str, Any]) -> dict[str, Any]:
-    return {k: v.detach().clone() for k, v in state.items()}
+def _rows(encoded: Sequence[Encoded]) -> list[dict[str, list[int]]]:
+    """Dicts, so that the length-grouped sampler can read each row's length."""
+    return [{"input_ids": e.input_ids, "labels": e.labels} for e in encoded]

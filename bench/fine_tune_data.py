@@ -26,6 +26,31 @@ PUBMEDQA_SYSTEM = (
     "You answer questions about biomedical research abstracts. Read the abstract, then answer "
     "the question with exactly one word: yes, no or maybe."
 )
+PUBMEDQA_CONCLUSION_SYSTEM = (
+    "You answer questions about biomedical research from the conclusion of a study. Answer the "
+    "question with exactly one word: yes if the conclusion supports it, no if it contradicts it, "
+    "maybe if it is inconclusive."
+)
+
+
+def pubmedqa_conclusion_rows() -> list[dict[str, Any]]:
+    """The question and the abstract's conclusion only (``LONG_ANSWER``): the part that carries
+    the answer, in a fifth of the tokens, so that a small model trains for more epochs in the
+    same time and its attention is not spread over the methods and results."""
+    items = json.loads(PUBMEDQA.read_text())
+    return [
+        {
+            "messages": [
+                {"role": "system", "content": PUBMEDQA_CONCLUSION_SYSTEM},
+                {
+                    "role": "user",
+                    "content": f"Conclusion: {item['LONG_ANSWER']}\n\nQuestion: {item['QUESTION']}",
+                },
+                {"role": "assistant", "content": item["final_decision"]},
+            ]
+        }
+        for _, item in sorted(items.items())
+    ]
 
 
 def pubmedqa_rows(*, with_conclusion: bool) -> list[dict[str, Any]]:
@@ -87,9 +112,13 @@ def main() -> None:
     out = Path("bench/results/data")
     write_jsonl(pubmedqa_rows(with_conclusion=True), out / "pubmedqa.jsonl")
     write_jsonl(pubmedqa_rows(with_conclusion=False), out / "pubmedqa_no_conclusion.jsonl")
+    write_jsonl(pubmedqa_conclusion_rows(), out / "pubmedqa_conclusion.jsonl")
     write_jsonl(clinc_banking_rows("train", 40), out / "banking_train.jsonl")
     write_jsonl(clinc_banking_rows("val", 10), out / "banking_val.jsonl")
-    print(f"wrote {out}/pubmedqa.jsonl, pubmedqa_no_conclusion.jsonl, banking_train.jsonl, banking_val.jsonl")
+    print(
+        f"wrote {out}/pubmedqa.jsonl, pubmedqa_no_conclusion.jsonl, pubmedqa_conclusion.jsonl, "
+        "banking_*.jsonl"
+    )
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@ URL and admin token come from the settings: ``HYBRID_GATEWAY_URL``, ``HYBRID_ADM
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +39,11 @@ def add_parser(commands: Any) -> None:
         help="requests this adapter serves never get retrieved context",
     )
     add.add_argument("--replace", action="store_true", help="swap an existing adapter of that name")
+    add.add_argument(
+        "--force",
+        action="store_true",
+        help="upload even when the directory's report.json (from `adapters train`) says it forgets",
+    )
     add.set_defaults(handler=_add)
 
     listing = verbs.add_parser("list", help="every registered adapter")
@@ -51,6 +58,10 @@ def add_parser(commands: Any) -> None:
 
 
 def _add(args: argparse.Namespace) -> int:
+    refused = None if args.server_path or args.force else forgetting_refusal(Path(args.source))
+    if refused:
+        print(f"not registered: {refused} (--force registers it)", file=sys.stderr)
+        return 1
     fields: dict[str, Any] = {
         "name": args.name,
         "description": args.description,
@@ -64,6 +75,20 @@ def _add(args: argparse.Namespace) -> int:
         if args.server_path:
             return report(client.post("/admin/adapters", json={**fields, "path": args.source}))
         return report(upload_adapter(client, Path(args.source), fields))
+
+
+def forgetting_refusal(directory: Path) -> str | None:
+    """Why the ``report.json`` that ``adapters train`` left in ``directory`` refuses it (it forgets
+    beyond the margin it was trained with); None when it does not, or when there is no such report
+    (an adapter made elsewhere)."""
+    try:
+        forgetting = json.loads((directory / "report.json").read_text())["forgetting"]
+        forgets, reasons = forgetting["forgets"], forgetting["reasons"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if forgets is not True:
+        return None
+    return "its report says it forgets what the base model could do: " + "; ".join(map(str, reasons))
 
 
 def _list(args: argparse.Namespace) -> int:

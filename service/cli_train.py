@@ -10,12 +10,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from adapters.forgetting import ForgettingMargin
 from adapters.train_config import DEFAULT_TARGETS, TrainConfig
 
 if TYPE_CHECKING:
+    from adapters.fine_tune import FineTuneResult
     from adapters.training_data import Example
 
 _DEFAULTS = TrainConfig()
+_MARGIN = ForgettingMargin()
 
 
 def add_parser(verbs: Any) -> None:
@@ -84,8 +87,39 @@ def add_parser(verbs: Any) -> None:
         default="auto",
         help="auto: bf16 autocast where the hardware has it (%(default)s)",
     )
-    train.add_argument("--force", action="store_true", help="train on fewer than 50 rows, register anyway")
+    train.add_argument(
+        "--force",
+        action="store_true",
+        help="train on fewer than 50 rows; register an adapter that does not beat the base or forgets",
+    )
     train.add_argument("--overwrite", action="store_true", help="replace OUTPUT/NAME if it exists")
+    train.add_argument(
+        "--resume",
+        action="store_true",
+        help="go on from the latest checkpoint of an interrupted run (same data and settings)",
+    )
+    train.add_argument(
+        "--forgetting-margin",
+        type=float,
+        default=_MARGIN.text_perplexity_pct,
+        metavar="PERCENT",
+        help="the largest accepted rise of the general text perplexity against the base; beyond any "
+        "forgetting margin --register refuses the adapter (%(default)s)",
+    )
+    train.add_argument(
+        "--forgetting-chat-margin",
+        type=float,
+        default=_MARGIN.chat_perplexity_pct,
+        metavar="PERCENT",
+        help="the largest accepted rise of the general chat answers' perplexity (%(default)s)",
+    )
+    train.add_argument(
+        "--forgetting-accuracy-margin",
+        type=float,
+        default=_MARGIN.accuracy_points,
+        metavar="POINTS",
+        help="the largest accepted fall of the general chat accuracy (%(default)s)",
+    )
     train.add_argument("--register", action="store_true", help="register the adapter with the gateway")
     train.add_argument("--description", default="", help="for --register: what the adapter is for")
     train.add_argument(
@@ -100,6 +134,10 @@ def add_parser(verbs: Any) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from adapters.extras import require
+
+    # Before the data is read: a gateway-only install (no torch) cannot train.
+    require("train", "adapters train", "torch", "transformers", "peft", "accelerate", "matplotlib")
     from adapters.errors import AdapterValidationError
     from adapters.fine_tune import TrainRequest, fine_tune
     from adapters.training_data import TrainingDataError
@@ -143,7 +181,11 @@ def _train(args: argparse.Namespace) -> int:
             validation_file=args.validation,
             force=args.force,
             overwrite=args.overwrite,
+            resume=args.resume,
             max_rank=settings.max_lora_rank,
+            forgetting_margin=ForgettingMargin(
+                args.forgetting_margin, args.forgetting_chat_margin, args.forgetting_accuracy_margin
+            ),
         )
         result = fine_tune(request)
     except (TrainingDataError, AdapterValidationError, ValueError, OSError) as error:
@@ -152,12 +194,24 @@ def _train(args: argparse.Namespace) -> int:
     print(f"{result.directory}: {result.report['verdict']}")
     if not args.register:
         return 0
-    if not result.beats_base and not args.force:
-        print(
-            "not registered: the adapter does not beat the base model (--force registers it)", file=sys.stderr
-        )
+    refused = refusals(result)
+    if refused and not args.force:
+        for reason in refused:
+            print(f"not registered: {reason} (--force registers it)", file=sys.stderr)
         return 1
     return _register(args, result)
+
+
+def refusals(result: FineTuneResult) -> list[str]:
+    """Why ``--register`` leaves this adapter unregistered (empty: it registers it)."""
+    found = []
+    if not result.beats_base:
+        found.append("the adapter does not beat the base model")
+    if result.forgets:
+        found.append(
+            "the adapter forgets what the base model could do: " + "; ".join(result.forgetting.reasons)
+        )
+    return found
 
 
 def _register(args: argparse.Namespace, result: Any) -> int:

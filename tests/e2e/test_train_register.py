@@ -3,6 +3,7 @@ registered, hot-loaded into vLLM, served by name with what it learnt, and routab
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -26,11 +27,22 @@ def test_a_trained_adapter_is_registered_served_and_routed(service: RunningServi
         "--data", str(data), "--name", NAME, "--output", str(tmp_path / "out"),
         "--epochs", "1", "--learning-rate", "2e-3", "--eval-steps", "2",
         "--description", "banking requests: freeze an account, change a PIN, transfer, fraud, checks",
+        # It answers every request with an intent's name, general questions too: it forgets how to
+        # chat (tests/unit/test_forgetting.py), which these chat margins accept (the router sends it
+        # banking requests only); the general text's margin still guards the model itself.
+        "--forgetting-chat-margin", "1000", "--forgetting-accuracy-margin", "100",
         "--register",
     ]  # fmt: skip
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     assert f'"name": "{NAME}"' in done.stdout  # the gateway's record of the registration
+    forgetting = json.loads((tmp_path / "out" / NAME / "report.json").read_text())["forgetting"]
+    assert forgetting["forgets"] is False
+    assert forgetting["margin"] == {
+        "text_perplexity_pct": 10.0,
+        "chat_perplexity_pct": 1000.0,
+        "accuracy_points": 100.0,
+    }
 
     client = service.client()
     assert NAME in {model.id for model in client.models.list()}

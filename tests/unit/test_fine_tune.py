@@ -221,14 +221,15 @@ def test_too_little_data_and_an_existing_output_are_refused(
 def test_early_stopping_keeps_the_best_weights_and_a_useless_adapter_is_not_registered(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # No validation can improve by 100: training stops at the first one and keeps step 0, the
-    # base model itself, which --register then refuses before any request (nothing listens here).
+    # A learning rate of 1 wrecks the adapter in its first steps: no validation beats step 0, so
+    # training stops at the first one and keeps step 0, the base model itself, which --register
+    # then refuses before any request (nothing listens here).
     monkeypatch.setenv("HYBRID_GATEWAY_URL", "http://127.0.0.1:9")
     monkeypatch.setenv("HYBRID_ADMIN_TOKEN", "unused")
     data = write_jsonl(tmp_path / "data.jsonl", banking_pairs("train", 12))
     code = train_cli(
-        "--data", str(data), "--name", "x", "--output", str(tmp_path / "out"), "--learning-rate", "2e-3",
-        "--epochs", "1", "--eval-steps", "2", "--patience", "1", "--min-delta", "100", "--register",
+        "--data", str(data), "--name", "x", "--output", str(tmp_path / "out"), "--learning-rate", "1",
+        "--epochs", "1", "--eval-steps", "2", "--patience", "1", "--register",
     )  # fmt: skip
     assert code == 1
     assert "not registered: the adapter does not beat the base model" in capsys.readouterr().err
