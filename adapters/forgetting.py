@@ -27,6 +27,7 @@ import time
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 from adapters.chat_tokens import ChatEncoder, Encoded
@@ -34,6 +35,7 @@ from adapters.device import Placement
 from adapters.evaluation import generate, mean_loss
 from adapters.training_data import Example, Message, normalise
 
+SHIPPED = "shipped"
 CHAT_FILE = "general_chat.jsonl"
 TEXT_FILE = "general_text.txt"
 WINDOW = 256
@@ -79,25 +81,65 @@ class GeneralSet:
     expected: tuple[str, ...]
     """Normalised: the words each chat answer must contain."""
     text: str
+    source: str = SHIPPED
+    """Where it was read from: ``shipped``, or the directory given with ``--general-set``. Changes
+    measured on different sets are not comparable, so the report names it."""
 
     def head(self, rows: int, text_chars: int) -> GeneralSet:
         """The first ``rows`` chat rows and ``text_chars`` characters of text: a cheaper measure
         (tests)."""
-        return GeneralSet(self.chat[:rows], self.expected[:rows], self.text[:text_chars])
+        return GeneralSet(self.chat[:rows], self.expected[:rows], self.text[:text_chars], self.source)
 
 
 @cache
 def general_set() -> GeneralSet:
     """The shipped general set (package data of ``adapters``)."""
     data = resources.files("adapters").joinpath("data")
+    return _parse(
+        data.joinpath(CHAT_FILE).read_text(encoding="utf-8"),
+        data.joinpath(TEXT_FILE).read_text(encoding="utf-8"),
+        SHIPPED,
+    )
+
+
+def read_general_set(directory: Path) -> GeneralSet:
+    """A general set of one's own in the shipped layout: ``general_chat.jsonl`` and
+    ``general_text.txt`` in ``directory``. Raises ValueError naming what is wrong."""
+    texts = []
+    for name in (CHAT_FILE, TEXT_FILE):
+        path = directory / name
+        if not path.is_file():
+            raise ValueError(
+                f"general set {directory}: no {name} (a general set holds {CHAT_FILE} and {TEXT_FILE})"
+            )
+        texts.append(path.read_text(encoding="utf-8"))
+    return _parse(texts[0], texts[1], str(directory))
+
+
+def _parse(chat_text: str, text: str, source: str) -> GeneralSet:
     chat: list[Example] = []
     expected: list[str] = []
-    for number, line in enumerate(data.joinpath(CHAT_FILE).read_text(encoding="utf-8").splitlines(), 1):
-        row = json.loads(line)
-        messages = tuple(Message(m["role"], m["content"]) for m in row["messages"])
+    for number, line in enumerate(chat_text.splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"general set {source}, {CHAT_FILE} line {number}"
+        try:
+            row = json.loads(line)
+            messages = tuple(Message(m["role"], m["content"]) for m in row["messages"])
+            expect = normalise(row["expect"])
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as error:
+            raise ValueError(
+                f'{where}: expected {{"messages": [{{"role", "content"}}, ...], "expect": "..."}} ({error!r})'
+            ) from None
+        if not messages or messages[-1].role != "assistant" or not expect:
+            raise ValueError(
+                f"{where}: the last message must be the assistant's and expect must not be empty"
+            )
         chat.append(Example(messages, number))
-        expected.append(normalise(row["expect"]))
-    return GeneralSet(tuple(chat), tuple(expected), data.joinpath(TEXT_FILE).read_text(encoding="utf-8"))
+        expected.append(expect)
+    if not chat or not text.strip():
+        raise ValueError(f"general set {source}: {CHAT_FILE} and {TEXT_FILE} must not be empty")
+    return GeneralSet(tuple(chat), tuple(expected), text, source)
 
 
 def contains(answer: str, expected: str) -> bool:
@@ -155,6 +197,7 @@ class Forgetting:
     margin: ForgettingMargin
     text_tokens: int
     seconds: float
+    source: str = SHIPPED
 
     @property
     def text_perplexity_change_pct(self) -> float:
@@ -191,6 +234,7 @@ class Forgetting:
 
     def to_json(self) -> dict[str, Any]:
         return {
+            "general_set": self.source,
             "chat_rows": self.base.chat_rows,
             "text_tokens": self.text_tokens,
             "base": self.base.to_json(),
@@ -243,7 +287,7 @@ def measure_forgetting(
         base = scores()
     adapter = scores()
     tokens = sum(len(w.input_ids) - 1 for w in windows)
-    return Forgetting(base, adapter, margin, tokens, time.monotonic() - started)
+    return Forgetting(base, adapter, margin, tokens, time.monotonic() - started, general.source)
 
 
 def forgetting_verdict(forgetting: Forgetting) -> str:

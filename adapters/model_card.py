@@ -59,8 +59,15 @@ def _counts(predictions: dict[str, int]) -> str:
     return ", ".join(f"{label}: {count}" for label, count in predictions.items())
 
 
+def _general_set_name(forgetting: dict[str, Any]) -> str:
+    source = forgetting.get("general_set", "shipped")  # reports written before --general-set
+    if source == "shipped":
+        return "the general set shipped with hybrid-serve"
+    return f"the general set in `{source}`"
+
+
 def _forgetting_section(forgetting: dict[str, Any]) -> list[str]:
-    """Base against adapter on the shipped general set (adapters/forgetting.py)."""
+    """Base against adapter on the general set (adapters/forgetting.py)."""
     base, adapter, change = forgetting["base"], forgetting["adapter"], forgetting["change"]
     margin = forgetting["margin"]
     outcome = (
@@ -71,10 +78,10 @@ def _forgetting_section(forgetting: dict[str, Any]) -> list[str]:
     return [
         "## General quality (forgetting)",
         "",
-        f"The same two models on a general set shipped with hybrid-serve, unrelated to this adapter's "
-        f"data: {forgetting['text_tokens']} tokens of everyday prose, and {forgetting['chat_rows']} "
-        "general questions and instructions (the perplexity of their reference answers, and how often "
-        "the greedy answer contains the expected words).",
+        f"The same two models on {_general_set_name(forgetting)}, unrelated to this adapter's data: "
+        f"{forgetting['text_tokens']} tokens of prose, and {forgetting['chat_rows']} general questions "
+        "and instructions (the perplexity of their reference answers, and how often the greedy answer "
+        "contains the expected words).",
         "",
         "| | base model | adapter | change |",
         "|---|---|---|---|",

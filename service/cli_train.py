@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from adapters.forgetting import ForgettingMargin
+from adapters.forgetting import CHAT_FILE, TEXT_FILE, ForgettingMargin, read_general_set
 from adapters.train_config import DEFAULT_TARGETS, TrainConfig
 
 if TYPE_CHECKING:
@@ -120,6 +120,13 @@ def add_parser(verbs: Any) -> None:
         metavar="POINTS",
         help="the largest accepted fall of the general chat accuracy (%(default)s)",
     )
+    train.add_argument(
+        "--general-set",
+        type=Path,
+        metavar="DIR",
+        help=f"measure forgetting on this general set ({CHAT_FILE} and {TEXT_FILE} in DIR, in the shipped "
+        "format) instead of the shipped one",
+    )
     train.add_argument("--register", action="store_true", help="register the adapter with the gateway")
     train.add_argument("--description", default="", help="for --register: what the adapter is for")
     train.add_argument(
@@ -186,6 +193,7 @@ def _train(args: argparse.Namespace) -> int:
             forgetting_margin=ForgettingMargin(
                 args.forgetting_margin, args.forgetting_chat_margin, args.forgetting_accuracy_margin
             ),
+            general=None if args.general_set is None else read_general_set(args.general_set),
         )
         result = fine_tune(request)
     except (TrainingDataError, AdapterValidationError, ValueError, OSError) as error:

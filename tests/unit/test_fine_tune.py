@@ -21,7 +21,14 @@ from service.admin_client import upload_adapter
 from service.bundled_model import HF_ID, SERVED_NAME
 from service.cli import main
 from service.cli_train import registration_fields
-from tests.training_factory import TINY, banking_pairs, tiny_request, write_jsonl
+from tests.training_factory import (
+    TINY,
+    banking_pairs,
+    few_general,
+    tiny_request,
+    write_general_set,
+    write_jsonl,
+)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -174,8 +181,9 @@ def test_the_same_seed_gives_the_same_run(tmp_path: Path, bundled_base_dir: Path
         rows = banking_pairs("train", 4)
         data = write_jsonl(tmp_path / f"{name}.jsonl", rows)
         request = tiny_request(
-            tmp_path, bundled_base_dir, train_file=data, name=name, config=config, force=True
-        )
+            tmp_path, bundled_base_dir, train_file=data, name=name, config=config, force=True,
+            general=few_general(),
+        )  # fmt: skip
         result = fine_tune(request)
         return result.training.train_losses, lora_b_norm(result.directory)
 
@@ -230,6 +238,7 @@ def test_early_stopping_keeps_the_best_weights_and_a_useless_adapter_is_not_regi
     code = train_cli(
         "--data", str(data), "--name", "x", "--output", str(tmp_path / "out"), "--learning-rate", "1",
         "--epochs", "1", "--eval-steps", "2", "--patience", "1", "--register",
+        "--general-set", str(write_general_set(tmp_path / "general", few_general())),
     )  # fmt: skip
     assert code == 1
     assert "not registered: the adapter does not beat the base model" in capsys.readouterr().err

@@ -27,12 +27,7 @@ from adapters.training_data import normalise
 from service.cli import main
 from service.cli_adapters import forgetting_refusal
 from service.cli_train import refusals
-from tests.training_factory import TINY, banking_pairs, write_jsonl
-
-FEW_ROWS = 12
-FEW_TEXT_CHARS = 2500
-"""About two windows of the general text: the unit tests' cut of the set, which keeps each
-measurement to a few seconds (the whole set runs in the session's training fixture)."""
+from tests.training_factory import FEW_ROWS, TINY, banking_pairs, few_general, write_general_set, write_jsonl
 
 
 def test_the_shipped_general_set_is_whole_and_consistent() -> None:
@@ -87,14 +82,13 @@ def measure(base_dir: Path, noise: float) -> Forgetting:
     from adapters.chat_tokens import ChatEncoder
     from adapters.device import place
 
-    few = general_set().head(FEW_ROWS, FEW_TEXT_CHARS)
     encoder = ChatEncoder(AutoTokenizer.from_pretrained(base_dir))
     return measure_forgetting(
         lora_model(base_dir, noise=noise),
         encoder,
         placement=place("cpu", "auto"),
         margin=ForgettingMargin(),
-        general=few,
+        general=few_general(),
     )
 
 
@@ -224,10 +218,12 @@ def test_train_register_refuses_an_adapter_trained_to_forget(
     monkeypatch.setenv("HYBRID_ADMIN_TOKEN", "unused")
     rows = [{**row, "completion": "zq zq zq zq zq zq zq zq"} for row in banking_pairs("train", 12)]
     data = write_jsonl(tmp_path / "nonsense.jsonl", rows)
+    general = write_general_set(tmp_path / "general", few_general())  # one's own set: here a cut
     code = main(
         [
             "adapters", "train", "--data", str(data), "--name", "nonsense", "--output", str(tmp_path / "out"),
             "--learning-rate", "2e-3", "--epochs", "1", "--eval-steps", "6", "--register",
+            "--general-set", str(general),
         ]
     )  # fmt: skip
     assert code == 1
@@ -236,5 +232,43 @@ def test_train_register_refuses_an_adapter_trained_to_forget(
     assert "not registered: the adapter forgets what the base model could do: general chat" in err
     report = json.loads((tmp_path / "out" / "nonsense" / "report.json").read_text())
     assert report["forgetting"]["forgets"] is True
+    assert report["forgetting"]["general_set"] == str(general)
+    assert report["forgetting"]["chat_rows"] == FEW_ROWS
     assert report["forgetting"]["adapter"]["chat_correct"] < report["forgetting"]["base"]["chat_correct"]
-    assert "**Beyond the margin:** general" in (tmp_path / "out" / "nonsense" / "README.md").read_text()
+    card = (tmp_path / "out" / "nonsense" / "README.md").read_text()
+    assert "**Beyond the margin:** general" in card
+    assert f"the general set in `{general}`" in card
+
+
+@pytest.mark.parametrize(
+    ("chat", "text", "message"),
+    [
+        (None, "Prose.", "no general_chat.jsonl (a general set holds general_chat.jsonl and general_text"),
+        ('{"messages": [{"role": "user", "content": "Hi"}], "expect": "hi"}\n', "Prose.", "line 1: the last"),
+        ('{"messages": [{"role": "user", "content": "Hi"}]}\n', "Prose.", "line 1: expected {\"messages\""),
+        ("not json\n", "Prose.", "general_chat.jsonl line 1: expected"),
+        ('{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}], '
+         '"expect": "hello"}\n', "", "must not be empty"),
+    ],
+)  # fmt: skip
+def test_a_general_set_of_ones_own_is_checked_before_training(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], chat: str | None, text: str, message: str
+) -> None:
+    general = tmp_path / "general"
+    general.mkdir()
+    if chat is not None:
+        (general / "general_chat.jsonl").write_text(chat)
+    (general / "general_text.txt").write_text(text)
+    data = write_jsonl(tmp_path / "data.jsonl", banking_pairs("train", 12))
+    out = tmp_path / "out"
+    code = main(
+        [
+            "adapters", "train", "--data", str(data), "--name", "x", "--output", str(out),
+            "--general-set", str(general),
+        ]
+    )  # fmt: skip
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: general set {general}")
+    assert message in err
+    assert not out.exists()  # refused before the model is loaded

@@ -12,7 +12,7 @@ import pytest
 from adapters.fine_tune import FineTuneResult, checkpoint_dir, fine_tune
 from adapters.hf_trainer import EvaluateAtTheEnd
 from adapters.trainer import latest_checkpoint
-from tests.training_factory import banking_pairs, tiny_request, write_jsonl
+from tests.training_factory import banking_pairs, few_general, tiny_request, write_jsonl
 
 
 class SimulatedKillError(Exception):
@@ -36,7 +36,8 @@ def test_an_interrupted_run_resumes_from_its_checkpoint_and_ends_like_an_uninter
     trained_banking: FineTuneResult,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    request = tiny_request(tmp_path, bundled_base_dir)  # the same run as trained_banking
+    # The same run as trained_banking; forgetting, measured after training, on a cut of the set.
+    request = tiny_request(tmp_path, bundled_base_dir, general=few_general())
     with monkeypatch.context() as patch:
         interrupt_at(3, patch)
         with pytest.raises(SimulatedKillError):
