@@ -31,7 +31,7 @@ serve: setup
 # Short tracebacks: CI shows only part of a failed run's output, and the cause a test prints
 # (its message, the gateway's and engine's last log lines) must be in that part.
 test: setup
-	$(BIN)/python -m pytest --tb=short --durations=15
+	$(BIN)/python -m pytest --tb=short --durations=30
 
 # Unit and API tiers only (no engine): the quick loop while editing.
 test-fast: setup
