@@ -28,12 +28,9 @@ from service import drift
 from service.general_chat import general_chat_prompts
 from service.route_learner import fingerprint, routing_rows
 from service.route_model import BASE, RouteModel
-from service.route_training import FitSettings
 
 # The fit's own steps, so that the fold split and the dropped general prompts are the fit's.
-from service.route_training import _fold_probabilities as fold_probabilities
-from service.route_training import _out_of_fold as out_of_fold
-from service.route_training import _without_overlapping_general as without_overlapping_general
+from service.route_training import FitSettings, fold_probabilities, out_of_fold, without_overlapping_general
 from service.router_store import CURRENT_LINK, RouterStore, RouterStoreError
 
 

@@ -114,7 +114,7 @@ def fit_route_model(
 def _fit(rows: Sequence[LabelledText], vectors: Vectors, settings: FitSettings) -> FittedRoute:
     if len(rows) != len(vectors):
         raise ValueError("one vector per row")
-    keep = _without_overlapping_general(rows, vectors, settings.general_overlap)
+    keep = without_overlapping_general(rows, vectors, settings.general_overlap)
     used = [row for row, kept in zip(rows, keep, strict=True) if kept]
     x = vectors[keep]
     labels = np.array([row.label for row in used])
@@ -127,9 +127,9 @@ def _fit(rows: Sequence[LabelledText], vectors: Vectors, settings: FitSettings) 
     y = np.array([classes.index(str(label)) for label in labels])
 
     folds = min(settings.folds, len(used))
-    logits, owners, predicted = _out_of_fold(x, y, len(classes), folds, settings)
+    logits, owners, predicted = out_of_fold(x, y, len(classes), folds, settings)
     temperature = _fit_temperature(logits, owners, y[predicted], len(classes))
-    probabilities = _fold_probabilities(logits, owners, len(classes), temperature)
+    probabilities = fold_probabilities(logits, owners, len(classes), temperature)
     truth = y[predicted]
     abstain = _fit_abstain(probabilities, truth, classes, settings.base_recall)
     decisions = decide(probabilities, classes, abstain)
@@ -279,7 +279,7 @@ def _stratified_folds(y: npt.NDArray[np.int64], folds: int, seed: int) -> npt.ND
     return fold
 
 
-def _out_of_fold(
+def out_of_fold(
     x: Vectors, y: npt.NDArray[np.int64], classes: int, folds: int, settings: FitSettings
 ) -> tuple[list[npt.NDArray[np.float64]], list[npt.NDArray[np.int64]], npt.NDArray[np.int64]]:
     """Per fold: the held-out rows' prototype logits and those prototypes' classes; and the
@@ -299,7 +299,7 @@ def _out_of_fold(
     return logits, owners, rows
 
 
-def _fold_probabilities(
+def fold_probabilities(
     logits: list[npt.NDArray[np.float64]],
     owners: list[npt.NDArray[np.int64]],
     classes: int,
@@ -319,7 +319,7 @@ def _fit_temperature(
         return 1.0
 
     def nll(temperature: float) -> float:
-        p = _fold_probabilities(logits, owners, classes, temperature)[np.arange(len(truth)), truth]
+        p = fold_probabilities(logits, owners, classes, temperature)[np.arange(len(truth)), truth]
         return float(-np.log(np.clip(p, 1e-12, 1.0)).mean())
 
     return round(float(min(TEMPERATURES, key=nll)), 4)
@@ -349,7 +349,7 @@ def _fit_abstain(
     return fallback[2] if fallback is not None else 0.5
 
 
-def _without_overlapping_general(
+def without_overlapping_general(
     rows: Sequence[LabelledText], vectors: Vectors, overlap: float
 ) -> npt.NDArray[np.bool_]:
     general = np.array([row.origin == "general" for row in rows])
