@@ -41,7 +41,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from chromadb.api import ClientAPI
@@ -67,6 +67,8 @@ from service.settings import Settings
 CLINC = Path("../shared/data/clinc150")
 COLLECTION = "pubmedqa"
 BACKENDS: tuple[Backend, ...] = ("onnx", "torch")
+T = TypeVar("T")
+
 PROBES = ("embed", "decide", "measure")
 PARTS = ("domain_scores", "list_collections", "describe", "chroma_query", "bm25", "hybrid_search")
 TARGETS = {"decide_p50_ms": 8.0, "decide_p99_ms": 20.0, "decide_to_embed_ratio": 1.3}
@@ -148,7 +150,7 @@ def make_queries(held_out: Split, clinc: int, pubmedqa: int, seed: int) -> list[
     return [queries[int(i)] for i in rng.permutation(len(queries))]
 
 
-def rotated(values: Sequence[Any], i: int) -> list[Any]:
+def rotated(values: Sequence[T], i: int) -> list[T]:
     i %= len(values)
     return [*values[i:], *values[:i]]
 
@@ -179,7 +181,7 @@ async def measure(
                     messages = [{"role": "user", "content": text}]
                     decision = await setup.router.decide(messages, pin=None, rag="auto")
                 else:
-                    _, passages = setup.router._measure(signals[setup.backend], text, True)
+                    _, passages, _ = setup.router._measure(signals[setup.backend], text, True)
                 elapsed = ms_since(started)
                 if timed:
                     setup.samples_ms[probe].append(elapsed)
