@@ -50,6 +50,7 @@ from bench.gateway_overhead import percentile
 from bench.retrieval import DATA as PUBMEDQA
 from bench.retrieval import load_items
 from bench.retrieval_scale import closing, latency, stored_chunks, synthetic_corpus
+from bench.router_speed_report import plot, summary
 from index.chunking import ChunkingPolicy
 from index.embedder import Backend, Embedder, Vectors, load_embedder
 from index.ingest import Ingestor
@@ -346,68 +347,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         },
         "runtime_s": time.perf_counter() - STARTED,
     }
-
-
-def plot(result: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(18, 5.5))
-    for ax, backend in zip(axes[:2], BACKENDS, strict=True):
-        figures = result["backends"][backend]
-        for probe in PROBES:
-            ordered = sorted(result["samples_ms"][backend][probe])
-            label = f"{probe}: p50 {figures[probe]['p50_ms']:.1f}, p99 {figures[probe]['p99_ms']:.1f} ms"
-            ax.plot(ordered, np.arange(1, len(ordered) + 1) / len(ordered), label=label)
-        for target in ("decide_p50_ms", "decide_p99_ms"):
-            ax.axvline(TARGETS[target], color="red", linestyle=":")
-        ax.set_xlabel("ms")
-        ax.set_ylabel("fraction of queries")
-        ratio = figures["decide_to_embed_ratio_p50"]
-        ax.set_title(f"{backend}: decide / embed {ratio:.2f}x at p50 (targets dotted)")
-        ax.legend(fontsize=8, loc="lower right")
-    threshold = result["thresholds"]
-    bins = np.linspace(-0.2, 1.0, 49)
-    for kind, label in (("pubmedqa", "PubMedQA questions (indexed)"), ("clinc", "CLINC150 (off-topic)")):
-        share = threshold[kind]["share_at_or_above_threshold"]
-        axes[2].hist(
-            threshold[kind]["scores"], bins=bins, alpha=0.6, label=f"{label}: {share:.0%} >= threshold"
-        )
-    axes[2].axvline(threshold["rag_threshold"], color="red", linestyle=":")
-    axes[2].set_xlabel("best passage cosine (Decision.retrieval_score)")
-    axes[2].set_ylabel("queries")
-    axes[2].set_title(
-        f"rag threshold {threshold['rag_threshold']} over {result['setup']['chunks']['chunks']} chunks"
-    )
-    axes[2].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def summary(result: dict[str, Any]) -> None:
-    def p50_p99(f: dict[str, float]) -> str:
-        return f"{f['p50_ms']:6.2f} / {f['p99_ms']:6.2f}"
-
-    for backend, f in result["backends"].items():
-        print(
-            f"{backend:5s} p50 / p99 ms: embed {p50_p99(f['embed'])}, decide {p50_p99(f['decide'])}, "
-            f"measure {p50_p99(f['measure'])}; decide/embed {f['decide_to_embed_ratio_p50']:.2f}x / "
-            f"{f['decide_to_embed_ratio_p99']:.2f}x; met {f['met']}"
-        )
-    parts = result["search_parts"]
-    print("parts p50 / p99 ms: " + ", ".join(f"{k} {p50_p99(v)}" for k, v in parts.items() if k in PARTS))
-    print(f"rest of the hybrid search, median: {parts['rest_of_hybrid_search_median_ms']:.2f} ms")
-    print(f"onnx vs torch: {json.dumps(result['accuracy'])}")
-    for kind in ("pubmedqa", "clinc"):
-        t = result["thresholds"][kind]
-        print(
-            f"{kind:8s} best passage: p5 {t['p5']:.3f} p50 {t['p50']:.3f} p95 {t['p95']:.3f}; "
-            f">= {RAG_THRESHOLD}: {t['share_at_or_above_threshold']:.1%}"
-        )
-    print(f"meeting every target: {result['backends_meeting_all_targets']}; {result['runtime_s']:.0f} s")
 
 
 def main() -> None:
